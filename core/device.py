@@ -68,6 +68,14 @@ class Buffer(ABC):
     def __init__(self, device: "Device", size: int):
         self.device = device
         self.size = size
+        #: bumped on every write from the network; keys cached conversions of the contents
+        self.generation = 0
+        #: set once a graph writes here (KV cache, compute buffers): never cache conversions
+        self.graph_written = False
+
+    def mark_written(self) -> None:
+        """Record that the contents changed outside a graph (invalidates cached conversions)."""
+        self.generation += 1
 
     @abstractmethod
     def write(self, offset: int, data) -> None:

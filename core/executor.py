@@ -1,25 +1,295 @@
 """Runs a validated graph on a device, node by node, with ggml's semantics.
 
+The executor is written once against the array API NumPy and CuPy share.
+A device supplies an :class:`ArrayLib` -- the array namespace ``xp`` and the
+one thing the array API does not standardise: making a typed, strided view
+of a buffer's bytes. Everything else (type conversion, dequantization, the
+op implementations in :mod:`rpcserver.ops`) is shared.
+
+Memory model: every tensor of a graph is a view ``(buffer, byte offset, ne,
+nb)`` validated by :mod:`rpcserver.graph`. ggml's shapes are innermost-first
+(``ne[0]`` is the row length); arrays here are outermost-first, so a tensor
+appears as an array of shape ``(ne3, ne2, ne1, ne0)`` with strides
+``(nb3, nb2, nb1, nb0)``. Results are written into the node's own view, in
+node order, because ggml's allocator reuses memory between nodes.
+
 Ops that only reinterpret memory (NONE, VIEW, RESHAPE, PERMUTE, TRANSPOSE)
-compute nothing. Every other op is looked up in the op table; an op without
-an implementation fails the graph with an error naming the op, its types
-and shapes.
+compute nothing. Every other op is looked up in ``OP_TABLE``; a missing
+entry (or an unsupported type combination) fails the graph with an error
+naming the op, its types and its shapes.
+
+Converted weights: reading a quantized, F16 or BF16 tensor as float32 costs
+a dequantization. Tensors in buffers that no graph has ever written to (the
+model's weights) are converted once and kept in a per-device LRU cache,
+bounded by ``DequantCache.budget`` bytes; any write to such a buffer from
+the network (SET_TENSOR, MEMSET, CLEAR, COPY) bumps the buffer's generation
+and so invalidates its entries. Buffers written by graphs (KV cache,
+compute buffers) are never cached.
 """
 
 from __future__ import annotations
 
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
 from . import ggml
 from .errors import GraphError
 
-#: op number -> implementation; filled by rpcserver.ops
+#: op number -> implementation ``fn(ctx: NodeContext) -> None``; filled by rpcserver.ops
 OP_TABLE: dict[int, object] = {}
+
+_PLAIN_DTYPES = {
+    ggml.GGMLType.F32: np.float32,
+    ggml.GGMLType.F16: np.float16,
+    ggml.GGMLType.F64: np.float64,
+    ggml.GGMLType.I8: np.int8,
+    ggml.GGMLType.I16: np.int16,
+    ggml.GGMLType.I32: np.int32,
+    ggml.GGMLType.I64: np.int64,
+    ggml.GGMLType.BF16: np.uint16,  # raw bits; converted by bf16_to_f32 / f32_to_bf16
+}
+
+
+def storage_dtype(type_value: int):
+    """The array dtype holding one element of a non-quantized ggml type, else None."""
+    return _PLAIN_DTYPES.get(type_value)
+
+
+class ArrayLib:
+    """The array library a device computes with. NumPy by default; CuPy and MLX subclass it."""
+
+    name = "numpy"
+    xp = np
+
+    def bytes_of(self, buffer):
+        """The buffer's memory as a 1-D uint8 array (``buffer.array`` for NumPy/CuPy buffers)."""
+        return buffer.array
+
+    def view(self, buffer, offset: int, shape, strides, dtype):
+        """A writable strided view of ``buffer`` (bounds were validated by the graph parser)."""
+        raw = self.bytes_of(buffer)
+        return np.ndarray(shape, dtype=dtype, buffer=raw, offset=offset, strides=strides)
+
+    def to_numpy(self, a):
+        return np.asarray(a)
+
+    def from_numpy(self, a):
+        return a
+
+    def dequantize(self, raw_rows, type_value: int):
+        """Quantized rows (uint8, last axis = row bytes) -> float32 (last axis = elements)."""
+        import gguf.quants
+
+        return gguf.quants.dequantize(self.to_numpy(raw_rows), gguf.GGMLQuantizationType(type_value))
+
+    def quantize(self, values, type_value: int):
+        import gguf.quants
+
+        try:
+            return gguf.quants.quantize(self.to_numpy(values).astype(np.float32),
+                                        gguf.GGMLQuantizationType(type_value))
+        except NotImplementedError:
+            raise GraphError(f"writing {ggml.TYPES[type_value].name} data (quantizing) is not "
+                             f"supported") from None
+
+
+NUMPY = ArrayLib()
+
+
+def bf16_to_f32(xp, bits):
+    return (bits.astype(xp.uint32) << 16).view(xp.float32)
+
+
+def f32_to_bf16(xp, values):
+    """Round-to-nearest-even, NaNs kept quiet: ggml's conversion."""
+    u = xp.ascontiguousarray(values, dtype=xp.float32).view(xp.uint32)
+    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(xp.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return xp.where(nan, ((u >> 16) | 64).astype(xp.uint16), rounded)
+
+
+class DequantCache:
+    """float32 copies of weights, LRU-bounded by ``budget`` bytes (see the module docstring)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.used = 0
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key, value, nbytes: int):
+        if nbytes > self.budget:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = (value, nbytes)
+            self.used += nbytes
+            while self.used > self.budget and self._entries:
+                _, (_, n) = self._entries.popitem(last=False)
+                self.used -= n
+
+
+@dataclass
+class TensorView:
+    """Where a graph tensor's elements live, in array terms."""
+
+    buffer: object  # the device Buffer
+    offset: int
+    type: ggml.TypeInfo
+    ne: tuple
+    nb: tuple
+
+    @property
+    def shape(self):
+        return (self.ne[3], self.ne[2], self.ne[1], self.ne[0])
+
+    @property
+    def strides(self):
+        return (self.nb[3], self.nb[2], self.nb[1], self.nb[0])
+
+    def key(self):
+        return (id(self.buffer), getattr(self.buffer, "generation", 0), self.offset, self.type.value,
+                self.ne, self.nb)
+
+
+def tensor_view(gt) -> TensorView:
+    ref = gt.ref
+    return TensorView(ref.buffer.buffer if ref.buffer else None, ref.offset, ref.type,
+                      ref.tensor.ne, ref.tensor.nb)
+
+
+class NodeContext:
+    """What an op implementation sees: its node, its sources, and how to read and write them."""
+
+    def __init__(self, device, lib: ArrayLib, node, cache: DequantCache | None):
+        self.device = device
+        self.lib = lib
+        self.xp = lib.xp
+        self.node = node
+        self.cache = cache
+
+    # -- description ------------------------------------------------------
+
+    @property
+    def dst(self) -> TensorView:
+        return tensor_view(self.node)
+
+    def src(self, i: int) -> TensorView | None:
+        s = self.node.src[i] if i < len(self.node.src) else None
+        return tensor_view(s) if s is not None else None
+
+    def has_src(self, i: int) -> bool:
+        return i < len(self.node.src) and self.node.src[i] is not None
+
+    def param_i32(self, i: int) -> int:
+        return self.node.rpc.op_params[i]
+
+    def param_f32(self, i: int) -> float:
+        return struct.unpack("<f", struct.pack("<i", self.node.rpc.op_params[i]))[0]
+
+    def fail(self, why: str):
+        raise GraphError(f"{why}: {self.node.describe()}")
+
+    # -- reading ------------------------------------------------------------
+
+    def raw(self, tv: TensorView):
+        """The elements in their storage dtype (plain types only), shape (ne3, ne2, ne1, ne0)."""
+        dtype = storage_dtype(tv.type.value)
+        if dtype is None:
+            self.fail(f"{tv.type.name} data cannot be read element-wise here")
+        if tv.buffer is None:
+            return self.xp.zeros(tv.shape, dtype=dtype)
+        return self.lib.view(tv.buffer, tv.offset, tv.shape, tv.strides, dtype)
+
+    def f32(self, tv: TensorView):
+        """The elements as float32, shape (ne3, ne2, ne1, ne0), dequantizing when needed."""
+        t = tv.type.value
+        if t == ggml.GGMLType.F32:
+            return self.raw(tv)
+        cacheable = (self.cache is not None and tv.buffer is not None
+                     and not getattr(tv.buffer, "graph_written", False))
+        if cacheable:
+            key = tv.key()
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit[0]
+        out = self._convert_f32(tv)
+        if cacheable:
+            self.cache.put(key, out, out.size * 4)
+        return out
+
+    def _convert_f32(self, tv: TensorView):
+        xp, t = self.xp, tv.type.value
+        if t == ggml.GGMLType.BF16:
+            return bf16_to_f32(xp, self.raw(tv))
+        if tv.type.is_quantized:
+            rows = self.lib.view(tv.buffer, tv.offset, tv.shape[:3] + (tv.type.row_size(tv.ne[0]),),
+                                 tv.strides[:3] + (1,), np.uint8)
+            return self.lib.dequantize(rows, t).reshape(tv.shape)
+        return self.raw(tv).astype(xp.float32)
+
+    # -- writing ------------------------------------------------------------
+
+    def store(self, values, tv: TensorView | None = None, index=None):
+        """Write ``values`` into ``tv`` (default: the node), converting to its type.
+
+        Without ``index`` the values broadcast to the whole tensor. With ``index`` (an
+        index over the outer dims (ne3, ne2, ne1)), only those rows are written, in place.
+        """
+        tv = tv or self.dst
+        if tv.buffer is None:
+            return
+        tv.buffer.graph_written = True
+        xp, t = self.xp, tv.type.value
+        if tv.type.is_quantized:
+            rows = self.lib.view(tv.buffer, tv.offset, tv.shape[:3] + (tv.type.row_size(tv.ne[0]),),
+                                 tv.strides[:3] + (1,), np.uint8)
+            target_shape = rows[index].shape[:-1] + (tv.ne[0],) if index is not None else tv.shape
+            values = xp.broadcast_to(values, target_shape)
+            packed = self.lib.from_numpy(self.lib.quantize(values.reshape(-1, tv.ne[0]), t))
+            if index is None:
+                rows[...] = packed.reshape(rows.shape)
+            else:
+                rows[index] = packed.reshape(rows[index].shape)
+            return
+        out = self.raw(tv)
+        if t == ggml.GGMLType.BF16:
+            shape = out[index].shape if index is not None else tv.shape
+            values = f32_to_bf16(xp, xp.broadcast_to(values, shape))
+        if index is None:
+            out[...] = values
+        else:
+            out[index] = values
 
 
 def execute(device, graph) -> None:
+    """Run every node of ``graph`` on ``device`` in order."""
+    lib = getattr(device, "array_lib", NUMPY)
+    cache = getattr(device, "dequant_cache", None)
+    from . import ops  # noqa: F401  (fills OP_TABLE)
+
     for node in graph.nodes:
         if node.op in ggml.VIEW_OPS:
             continue
         impl = OP_TABLE.get(node.op)
         if impl is None:
             raise GraphError(f"op not implemented on {device.name}: {node.describe()}")
-        impl(device, node)
+        ctx = NodeContext(device, lib, node, cache)
+        try:
+            impl(ctx)
+        except GraphError:
+            raise
+        except Exception as exc:
+            raise GraphError(f"{type(exc).__name__} in {node.describe()}: {exc}") from exc

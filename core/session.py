@@ -261,6 +261,7 @@ class Session:
         entry = self.buffers.get(handle)
         if entry.buffer is not None:
             entry.buffer.fill(0, entry.size, value)
+            entry.buffer.mark_written()
         self._dbg("BUFFER_CLEAR remote_ptr=0x%x value=%d", handle, value)
 
     def _memset_tensor(self, cmd, size):
@@ -269,6 +270,7 @@ class Session:
         entry, at = self.buffers.region(ref, offset, nbytes, cmd.name)
         if nbytes:
             entry.buffer.fill(at, nbytes, value)
+            entry.buffer.mark_written()
         self._dbg("MEMSET_TENSOR %s offset=%d size=%d value=%d", ref.tensor.describe(),
                   offset, nbytes, value)
 
@@ -289,6 +291,8 @@ class Session:
             with entry.buffer.writer(at + pos, n) as view:
                 self._recv_into(view)
             pos += n
+        if nbytes:
+            entry.buffer.mark_written()
         if cache_flag and self.server.cache is not None and nbytes:
             with entry.buffer.reader(at, nbytes) as view:
                 self.server.cache.store(view)
@@ -304,6 +308,7 @@ class Session:
                 entry, at = self.buffers.region(ref, offset, len(data), cmd.name)
                 if data:
                     entry.buffer.write(at, data)
+                    entry.buffer.mark_written()
                 found = 1
         self._dbg("SET_TENSOR_HASH %s offset=%d hash=%016x -> %s", ref.tensor.describe(),
                   offset, digest, "hit" if found else "miss")
@@ -333,6 +338,7 @@ class Session:
         if src.buffer.device_index == dst.buffer.device_index:
             if nbytes:
                 dst.buffer.buffer.copy_from(src.buffer.buffer, src.offset, dst.offset, nbytes)
+                dst.buffer.buffer.mark_written()
             copied = 1
         self._dbg("COPY_TENSOR %s -> %s (%d bytes) -> %d", src.tensor.describe(),
                   dst.tensor.describe(), nbytes, copied)
