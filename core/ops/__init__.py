@@ -40,4 +40,4 @@ def broadcast_like(xp, b, shape):
     return xp.broadcast_to(b, shape)
 
 
-from . import elementwise, matmul, norm, rows  # noqa: E402,F401  (registration side effects)
+from . import attention, elementwise, matmul, misc, moe, norm, rope, rows  # noqa: E402,F401  (registration)

@@ -1,0 +1,3 @@
+"""attention ops (see module docstring once filled)."""
+
+from __future__ import annotations

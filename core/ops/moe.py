@@ -1,0 +1,3 @@
+"""moe ops (see module docstring once filled)."""
+
+from __future__ import annotations
