@@ -42,6 +42,12 @@ def default_cache_dir() -> Path:
     return root / "llama.cpp" / "rpc"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def cache_file_name(digest: int) -> str:
     return f"{digest:016x}"
 
@@ -60,6 +66,7 @@ class LocalCache:
         path = self.path_for(fnv1a_64(data))
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)
         try:
+            os.chmod(tmp, 0o666 & ~_umask())  # what a plain open() would give, as llama.cpp's files
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)

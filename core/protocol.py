@@ -133,6 +133,10 @@ COMMANDS: dict[Command, CommandSpec] = {s.command: s for s in [
 assert len(COMMANDS) == 18
 
 
+def _ints(values) -> tuple:
+    return tuple(values.tolist() if hasattr(values, "tolist") else values)
+
+
 @dataclass(frozen=True)
 class RpcTensor:
     """A decoded rpc_tensor. ``id`` is the client's pointer, used only as a key."""
@@ -157,8 +161,10 @@ class RpcTensor:
         """Build from one element of an ``RPC_TENSOR`` array converted with ``tolist()``."""
         (id_, type_, buffer, ne, nb, op, op_params, flags, src,
          view_src, view_offs, data, name, use_count) = rec
-        return cls(id_, type_, buffer, tuple(ne), tuple(nb), op, tuple(op_params), flags,
-                   tuple(src), view_src, view_offs, data,
+        # numpy keeps sub-array fields as arrays of numpy scalars; bounds arithmetic must
+        # use Python integers (numpy uint32 would wrap around silently).
+        return cls(id_, type_, buffer, _ints(ne), _ints(nb), op, _ints(op_params), flags,
+                   _ints(src), view_src, view_offs, data,
                    name.split(b"\0", 1)[0].decode("utf-8", "replace"), use_count)
 
     @classmethod
