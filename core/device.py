@@ -25,6 +25,7 @@ executor's business (see docs/architecture.md).
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ class DeviceOptions:
     threads: int = 1
 
 
+_buffer_serials = itertools.count(1)
+
+
 class Buffer(ABC):
     """``size`` bytes of memory on ``device``.
 
@@ -68,6 +72,8 @@ class Buffer(ABC):
     def __init__(self, device: "Device", size: int):
         self.device = device
         self.size = size
+        #: unique for the server's lifetime (unlike id()), keys cached conversions
+        self.serial = next(_buffer_serials)
         #: bumped on every write from the network; keys cached conversions of the contents
         self.generation = 0
         #: set once a graph writes here (KV cache, compute buffers): never cache conversions
@@ -142,6 +148,11 @@ class Device(ABC):
     alignment: int = 32
     #: largest single buffer the device can allocate, in bytes
     max_buffer_size: int = 2**64 - 1
+    #: the array library graphs compute with (None: NumPy); see rpcserver.executor.ArrayLib
+    array_lib = None
+    #: bytes of float32 weight copies the executor may keep for this device; None applies
+    #: the default policy (see rpcserver.executor.weight_cache_budget)
+    weight_cache_bytes: int | None = None
 
     @abstractmethod
     def memory(self) -> tuple[int, int]:

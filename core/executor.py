@@ -20,15 +20,21 @@ naming the op, its types and its shapes.
 
 Converted weights: reading a quantized, F16 or BF16 tensor as float32 costs
 a dequantization. Tensors in buffers that no graph has ever written to (the
-model's weights) are converted once and kept in a per-device LRU cache,
-bounded by ``DequantCache.budget`` bytes; any write to such a buffer from
-the network (SET_TENSOR, MEMSET, CLEAR, COPY) bumps the buffer's generation
-and so invalidates its entries. Buffers written by graphs (KV cache,
-compute buffers) are never cached.
+model's weights) are converted once and kept in a per-device LRU cache.
+Policy: the cache may hold ``Device.weight_cache_bytes`` if the plugin sets
+it, else ``RPCSERVER_WEIGHT_CACHE_MIB`` MiB if that is set, else a quarter
+of the device's total memory at first use (see :func:`weight_cache_budget`);
+least recently used entries go first. Any write to a buffer from the network
+(SET_TENSOR, MEMSET, CLEAR, COPY) bumps its generation and so invalidates
+its entries; freeing it drops them. Buffers written by graphs (KV cache,
+compute buffers) are never cached. Because the copies live in device memory,
+GET_DEVICE_MEMORY's free figure reflects them, and llama.cpp's layer
+placement sees the true headroom.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from collections import OrderedDict
@@ -128,6 +134,13 @@ class DequantCache:
                 self._entries.move_to_end(key)
             return value
 
+    def drop_buffer(self, serial: int) -> None:
+        """Forget every entry converted from the buffer with this serial."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == serial]:
+                _, n = self._entries.pop(key)
+                self.used -= n
+
     def put(self, key, value, nbytes: int):
         if nbytes > self.budget:
             return
@@ -160,7 +173,7 @@ class TensorView:
         return (self.nb[3], self.nb[2], self.nb[1], self.nb[0])
 
     def key(self):
-        return (id(self.buffer), getattr(self.buffer, "generation", 0), self.offset, self.type.value,
+        return (self.buffer.serial, self.buffer.generation, self.offset, self.type.value,
                 self.ne, self.nb)
 
 
@@ -274,10 +287,39 @@ class NodeContext:
             out[index] = values
 
 
+def weight_cache_budget(device) -> int:
+    """How many bytes of converted weights ``device`` may keep (the policy in the module doc)."""
+    if device.weight_cache_bytes is not None:
+        return device.weight_cache_bytes
+    env = os.environ.get("RPCSERVER_WEIGHT_CACHE_MIB")
+    if env:
+        return int(env) << 20
+    return device.memory()[1] // 4
+
+
+_cache_lock = threading.Lock()
+
+
+def weight_cache(device) -> DequantCache:
+    """The device's converted-weight cache, created on first use."""
+    with _cache_lock:
+        cache = device.__dict__.get("_weight_cache")
+        if cache is None:
+            cache = device._weight_cache = DequantCache(weight_cache_budget(device))
+        return cache
+
+
+def forget_buffer(buffer) -> None:
+    """Drop cached conversions of a buffer that is being freed."""
+    cache = buffer.device.__dict__.get("_weight_cache")
+    if cache is not None:
+        cache.drop_buffer(buffer.serial)
+
+
 def execute(device, graph) -> None:
     """Run every node of ``graph`` on ``device`` in order."""
-    lib = getattr(device, "array_lib", NUMPY)
-    cache = getattr(device, "dequant_cache", None)
+    lib = device.array_lib or NUMPY
+    cache = weight_cache(device)
     from . import ops  # noqa: F401  (fills OP_TABLE)
 
     for node in graph.nodes:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from . import ggml
 from .buffers import BufferTable, SessionBuffer, TensorRef
 from .errors import BoundsError, ClientGone, GraphError, ProtocolError, SessionError
+from .executor import forget_buffer
 from .graph import Graph, parse_graph
 from .protocol import (
     COMMAND_COUNT, COMMANDS, CONN_CAPS_SIZE, FRAME_HEADER, PROTOCOL_VERSION, SET_TENSOR_HEADER,
@@ -183,6 +184,7 @@ class Session:
 
     def _release(self, entry: SessionBuffer) -> None:
         if entry.buffer is not None:
+            forget_buffer(entry.buffer)
             entry.buffer.free()
         self.server.stats.buffer_freed(entry)
 
