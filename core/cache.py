@@ -62,7 +62,7 @@ class LocalCache:
 
     def store(self, data) -> Path:
         """Save ``data`` under its hash, atomically. Returns the file's path."""
-        data = bytes(data)
+        data = data if isinstance(data, bytes) else bytes(data)
         path = self.path_for(fnv1a_64(data))
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)
         try:

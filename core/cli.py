@@ -16,15 +16,11 @@ import sys
 import threading
 
 from . import __version__, console
-from .device import DeviceOptions, DeviceType
-from .plugins import Registry, discover
+from .device import DeviceOptions, DeviceType, default_threads
+from .plugins import Registry, discover, load_plugins
 from .server import DEFAULT_HOST, DEFAULT_MAX_GRAPH_BYTES, DEFAULT_PORT, Server
 
 log = logging.getLogger("rpcserver")
-
-
-def default_threads() -> int:
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def _positive_int(text: str) -> int:
@@ -83,6 +79,9 @@ def select_devices(registry: Registry, spec: str | None):
                 available = ", ".join(registry.device_names()) or "none"
                 raise SystemExit(f"error: unknown device: {name}\navailable devices: {available}\n"
                                  f"(run `rpcserver list-devices` for details)")
+            if entry.device in chosen:
+                log.warning("device %s is listed twice in --device; serving it once", entry.device.name)
+                continue
             chosen.append(entry.device)
         return chosen
     accelerators = [e.device for e in registry.devices
@@ -122,16 +121,17 @@ def cmd_serve(args) -> int:
     except OSError as exc:
         console.err_console.print(f"[red]error: cannot listen on {server.endpoint}: {exc}")
         return 1
-    console.console.print(console.banner(server.endpoint, cache.directory if cache else None,
-                                         devices))
     stop = threading.Event()
 
     def on_signal(signum, _frame):
         log.info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
+    # Installed before anything is printed: a supervisor may signal as soon as it sees the banner.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    console.console.print(console.banner(server.endpoint, cache.directory if cache else None,
+                                         devices))
     server.start()
     try:
         if not args.no_live and console.console.is_terminal:
@@ -159,7 +159,8 @@ def cmd_list_devices(args) -> int:
 
 def cmd_plugins(args) -> int:
     console.setup_logging(False)
-    console.console.print(console.plugins_table(discover()))
+    _, records = load_plugins()  # no device enumeration: listing plugins must not touch hardware
+    console.console.print(console.plugins_table(records))
     return 0
 
 

@@ -98,11 +98,11 @@ def unavailable_table(registry: Registry) -> Table | None:
     return table
 
 
-def plugins_table(registry: Registry) -> Table:
+def plugins_table(plugins) -> Table:
     table = Table(title="rpcserver plugins (entry-point group rpcserver.backends)")
     for col in ("plugin", "distribution", "version", "backends", "status"):
         table.add_column(col)
-    for p in registry.plugins:
+    for p in plugins:
         status = Text(f"failed: {p.error}", style="red") if p.error else Text("loaded", style="green")
         table.add_row(p.name, p.distribution, p.version, ", ".join(b.name for b in p.backends) or "-",
                       status)

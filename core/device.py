@@ -26,6 +26,7 @@ executor's business (see docs/architecture.md).
 from __future__ import annotations
 
 import itertools
+import os
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,11 +53,16 @@ class DeviceType(IntEnum):
         return {0: "cpu", 1: "gpu", 2: "igpu", 3: "accelerator"}[self.value]
 
 
+def default_threads() -> int:
+    """Half the cores, as llama.cpp's rpc-server defaults to."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 @dataclass
 class DeviceOptions:
     """What the server's command line tells backends when they enumerate devices."""
 
-    threads: int = 1
+    threads: int = field(default_factory=default_threads)
 
 
 _buffer_serials = itertools.count(1)
@@ -114,9 +120,10 @@ class Buffer(ABC):
     def writer(self, offset: int, size: int) -> Iterator[memoryview]:
         """Host memory for the caller to fill with ``size`` bytes bound for ``offset``.
 
-        The bytes are committed to the buffer when the ``with`` block exits
-        normally and discarded if it raises. The default stages through a
-        plain bytearray; a device with faster staging (pinned memory) overrides it.
+        With a host view the bytes land in place as they are written; otherwise
+        they are staged and committed when the ``with`` block exits normally
+        (and dropped if it raises). The default stages through a plain
+        bytearray; a device with faster staging (pinned memory) overrides it.
         """
         view = self.host_view(offset, size)
         if view is not None:

@@ -72,8 +72,19 @@ class ArrayLib:
     xp = np
 
     def bytes_of(self, buffer):
-        """The buffer's memory as a 1-D uint8 array (``buffer.array`` for NumPy/CuPy buffers)."""
-        return buffer.array
+        """The buffer's memory as a 1-D uint8 array.
+
+        ``buffer.array`` when the plugin keeps one (NumPy/CuPy buffers), else a NumPy
+        array over the buffer's host view.
+        """
+        arr = getattr(buffer, "array", None)
+        if arr is not None:
+            return arr
+        view = buffer.host_view(0, buffer.size)
+        if view is None:
+            raise GraphError(f"{buffer.device.name}: its buffers are not host memory and it "
+                             f"provides no ArrayLib (Device.array_lib) to compute on them")
+        return np.frombuffer(view, np.uint8)
 
     def view(self, buffer, offset: int, shape, strides, dtype):
         """A writable strided view of ``buffer`` (bounds were validated by the graph parser)."""

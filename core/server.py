@@ -45,7 +45,14 @@ class Stats:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def command(self, cmd: Command) -> None:
-        self.commands[cmd.name] += 1
+        with self._lock:
+            self.commands[cmd.name] += 1
+
+    def add(self, **counts: int) -> None:
+        """Add to counters by name (bytes_in=..., graphs=...), atomically across sessions."""
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
 
     def buffer_allocated(self, entry: SessionBuffer) -> None:
         with self._lock:

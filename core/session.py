@@ -36,6 +36,10 @@ _RECV_CHUNK = 1 << 20
 _VERSION = "%d.%d.%d" % PROTOCOL_VERSION
 
 
+class _NoHello(ClientGone):
+    """A peer that connected and closed without sending anything (a port probe)."""
+
+
 class Session:
     def __init__(self, server: "Server", sock: socket.socket, peer: str, number: int):
         self.server = server
@@ -75,7 +79,7 @@ class Session:
             if k == 0:
                 raise ClientGone(f"connection closed with {n - got} of {n} expected bytes unread")
             got += k
-        self.server.stats.bytes_in += n
+        self.server.stats.add(bytes_in=n)
 
     def _recv_exact(self, n: int) -> bytearray:
         buf = bytearray(n)
@@ -92,7 +96,7 @@ class Session:
     def _send(self, *parts) -> None:
         for p in parts:
             self.sock.sendall(p)
-            self.server.stats.bytes_out += memoryview(p).nbytes
+            self.server.stats.add(bytes_out=memoryview(p).nbytes)
 
     def _reply(self, cmd: Command, *values) -> None:
         payload = COMMANDS[cmd].reply.pack(*values)
@@ -123,16 +127,18 @@ class Session:
                 cmd = Command(cmd_byte)
                 self.server.stats.command(cmd)
                 self._handlers[cmd](cmd, size)
+        except _NoHello:
+            pass
         except ClientGone as exc:
             log.warning("%s: client went away mid-message: %s", self.peer, exc)
         except SessionError as exc:
-            self.server.stats.errors += 1
+            self.server.stats.add(errors=1)
             log.error("%s: %s; closing the connection", self.peer, exc)
         except (ConnectionError, TimeoutError, OSError) as exc:
             if not self.server.stopping:
                 log.warning("%s: connection error: %s", self.peer, exc)
         except Exception:
-            self.server.stats.errors += 1
+            self.server.stats.add(errors=1)
             log.exception("%s: internal error while serving this client; closing its connection",
                           self.peer)
         finally:
@@ -155,7 +161,7 @@ class Session:
             head = self._recv_exact(FRAME_HEADER.size)
         except ClientGone:
             log.info("%s: connected and left without a HELLO", self.peer)
-            raise ClientGone("no HELLO") from None
+            raise _NoHello() from None
         cmd, size = FRAME_HEADER.unpack(head)
         if cmd != Command.HELLO:
             raise ProtocolError(
@@ -296,8 +302,7 @@ class Session:
         if nbytes:
             entry.buffer.mark_written()
         if cache_flag and self.server.cache is not None and nbytes:
-            with entry.buffer.reader(at, nbytes) as view:
-                self.server.cache.store(view)
+            self.server.cache.store(self._read_bytes(entry, at, nbytes))
 
     def _set_tensor_hash(self, cmd, size):
         raw, offset, digest = self._fixed_request(cmd, size)
@@ -315,6 +320,15 @@ class Session:
         self._dbg("SET_TENSOR_HASH %s offset=%d hash=%016x -> %s", ref.tensor.describe(),
                   offset, digest, "hit" if found else "miss")
         self._reply(cmd, found)
+
+    def _read_bytes(self, entry: SessionBuffer, at: int, nbytes: int) -> bytes:
+        """One host copy of a buffer region, read in bounded pieces."""
+        parts = []
+        for pos in range(0, nbytes, TRANSFER_CHUNK):
+            n = min(TRANSFER_CHUNK, nbytes - pos)
+            with entry.buffer.reader(at + pos, n) as view:
+                parts.append(bytes(view))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _get_tensor(self, cmd, size):
         raw, offset, nbytes = self._fixed_request(cmd, size)
@@ -380,7 +394,7 @@ class Session:
         except Exception as exc:
             self.graphs.pop(graph.device, None)
             raise GraphError(f"graph on {device.name} failed: {type(exc).__name__}: {exc}") from exc
-        self.server.stats.graphs += 1
+        self.server.stats.add(graphs=1)
 
     def _get_device_memory(self, cmd, size):
         (index,) = self._fixed_request(cmd, size)
