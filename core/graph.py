@@ -134,9 +134,12 @@ def parse_graph(payload, buffers: BufferTable, n_devices: int, device_of) -> Gra
                                  f"0x{vs.rpc.data:x} + view_offs {t.view_offs}")
 
     nodes = []
-    for ident in node_ids:
+    for i, ident in enumerate(node_ids):
         if ident == 0:
             continue  # the reference tolerates null node slots; so do we
-        nodes.append(lookup(ident, "node", RpcTensor.unpack(bytes(RPC_TENSOR_SIZE))))
+        if ident not in by_id:
+            raise GraphError(f"graph node {i} has id 0x{ident:x}, which is not among the graph's "
+                             f"{n_tensors} tensors")
+        nodes.append(by_id[ident])
     handles = frozenset(gt.ref.buffer.handle for gt in by_id.values() if gt.ref.buffer)
     return Graph(device, nodes, list(by_id.values()), handles)

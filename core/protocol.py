@@ -189,7 +189,7 @@ class RpcTensor:
     def describe(self) -> str:
         t = ggml.TYPES.get(self.type)
         tname = t.name if t else f"type {self.type}"
-        name = f" '{self.name}'" if self.name else ""
+        name = f" {self.name!r}" if self.name else ""  # repr: a name cannot forge log lines
         return f"tensor{name} {tname} ne={list(self.ne)} nb={list(self.nb)}"
 
 

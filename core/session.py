@@ -21,7 +21,7 @@ from .executor import forget_buffer
 from .graph import Graph, parse_graph
 from .protocol import (
     COMMAND_COUNT, COMMANDS, CONN_CAPS_SIZE, FRAME_HEADER, PROTOCOL_VERSION, SET_TENSOR_HEADER,
-    SIZE, VARIABLE, Command, RpcTensor,
+    SIZE, Command, RpcTensor,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -115,18 +115,24 @@ class Session:
         try:
             self._handshake()
             while True:
-                try:
-                    head = self._recv_exact(FRAME_HEADER.size)
-                except ClientGone:
+                first = self.sock.recv(1)
+                if not first:
                     log.info("%s: client disconnected", self.peer)
                     return
-                cmd_byte, size = FRAME_HEADER.unpack(head)
+                self.server.stats.add(bytes_in=1)
+                cmd_byte = first[0]
+                (size,) = SIZE.unpack(self._recv_exact(SIZE.size))
                 if cmd_byte >= COMMAND_COUNT or cmd_byte == Command.NONE:
                     raise ProtocolError(f"unknown command {cmd_byte} (protocol {_VERSION} has "
                                         f"commands 0-{COMMAND_COUNT - 2})")
                 cmd = Command(cmd_byte)
                 self.server.stats.command(cmd)
-                self._handlers[cmd](cmd, size)
+                try:
+                    self._handlers[cmd](cmd, size)
+                except SessionError as exc:
+                    if not str(exc).startswith(cmd.name):
+                        raise type(exc)(f"{cmd.name}: {exc}") from None
+                    raise
         except _NoHello:
             pass
         except ClientGone as exc:

@@ -24,13 +24,18 @@ FLASH_ATTN_EXT (ggml_compute_forward_flash_attn_ext_f16)::
     sinks [H]                  F32, optional (src4)
     dst  [DV, H, n_q, B]       F32 -- PERMUTED: heads before queries
 
-with op_params scale, max_bias, logit_softcap (floats) and precision ([3]).
+with op_params scale, max_bias, logit_softcap (floats), precision ([3]) and
+n_kv_max ([4], a sparsity hint ggml's CPU ignores, as does this).
 Query head ``h`` reads K head ``h // (H/Hk)`` and V head ``h // (H/Hv)`` (the
-same grouping as MUL_MAT's broadcast). Scores are ``s = q.k * scale``, then
-with a softcap ``s = softcap * tanh(s * scale / softcap)`` (ggml divides the
-scale by the softcap first), then ``s += slope[h]*mask``. Keys whose scaled
-mask is -inf are skipped entirely (their K/V values never enter the result,
-so garbage there cannot leak); a query row with every key masked yields
+same grouping as MUL_MAT's broadcast). Scores are ``s = q.k * scale``, or
+with a softcap ``s = softcap * tanh(q.k * (scale/softcap))`` (ggml divides
+the scale by the softcap first), then ``s += slope[h]*mask``. Keys whose scaled
+mask is -inf are skipped entirely: their K/V values never enter the result,
+so NaN/inf left in unused KV-cache cells cannot leak (ggml's scalar path
+skips them the same way; its tiled path, F16/F32 K and V with >= 64 queries,
+multiplies their zero weights into GEMMs and turns such garbage into NaN --
+here a masked key never matters). A NaN/inf in an unmasked V entry poisons
+that output element (NaN here; NaN or inf in ggml). A query row with every key masked yields
 zeros (not NaN), sinks or not. The sink adds ``exp(sink[h] - m)`` to the
 denominator only.
 
@@ -57,7 +62,7 @@ from . import broadcast_like, op
 _f32 = np.float32
 
 #: elements of one score chunk (n_batch * n_head * rows * n_kv) before FLASH_ATTN_EXT splits rows
-SCORE_CHUNK_ELEMENTS = 1 << 25
+SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
 def alibi_slopes(n_head: int, max_bias: float):
@@ -258,7 +263,8 @@ def flash_attn_ext(ctx):
             total = total + xp.exp(sink - safe_max)
         acc = xp.matmul(_grouped(p, hv), v).reshape(shape[:3] + (dv,))
         if v_bad is not None:
-            live = (~masked if masked is not None else xp.ones(shape, dtype=bool)).astype(xp.float32)
+            live = (~masked if masked is not None else xp.ones(shape, dtype=bool))
+            live = live.astype(xp.float32)
             hit = xp.matmul(_grouped(live, hv), v_bad).reshape(acc.shape) > 0
             acc = xp.where(hit, _f32(np.nan), acc)
         inv = xp.where(total == 0, _f32(0), _f32(1) / xp.where(total == 0, _f32(1), total))

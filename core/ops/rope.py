@@ -59,13 +59,19 @@ def _fma(xp, a, b, c):
             + xp.asarray(c, dtype=xp.float64)).astype(xp.float32)
 
 
+def _logf(x):
+    """logf, correctly rounded (as glibc's is) by way of the double logarithm."""
+    with np.errstate(all="ignore"):
+        return _f32(np.log(np.float64(_f32(x))))
+
+
 def yarn_corr_dims(n_dims: int, n_ctx_orig: int, freq_base, beta_fast, beta_slow):
     """ggml_rope_yarn_corr_dims, in float32 like ggml."""
     def corr_dim(n_rot):
         with np.errstate(all="ignore"):
             two_pi_rot = _f32(n_rot) * _f32(2) * _f32(math.pi)
             ratio = _f32(n_ctx_orig) / two_pi_rot
-            return _f32(n_dims) * np.log(_f32(ratio)) / (_f32(2) * np.log(_f32(freq_base)))
+            return _f32(n_dims) * _logf(ratio) / (_f32(2) * _logf(freq_base))
 
     with np.errstate(all="ignore"):
         start = np.floor(corr_dim(beta_fast))
@@ -153,7 +159,7 @@ def rope_cos_sin(xp, positions, n_pairs: int, *, mode: int, n_dims: int, section
             y = np.where(_f32(0) > y, _f32(0), y)
             y = np.where(_f32(1) < y, _f32(1), y)
             ramp_mix = ((_f32(1) - y) * _f32(ext_factor)).astype(np.float32)
-            log_inv = _f32(np.log(np.float64(_f32(1) / _f32(freq_scale))))
+            log_inv = _logf(_f32(1) / _f32(freq_scale))
             mscale = _f32(mscale * _fma(np, _f32(0.1), log_inv, _f32(1)))
         ramp_mix = xp.asarray(ramp_mix)
         theta = _fma(xp, theta_interp, 1 - ramp_mix, theta * ramp_mix)

@@ -9,7 +9,6 @@ uses, through threadpoolctl.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import subprocess
 from importlib import metadata
