@@ -135,6 +135,7 @@ def cmd_serve(args) -> int:
     server.start()
     try:
         if not args.no_live and console.console.is_terminal:
+            console.setup_logging(debug, to=console.console)
             with console.live_counters(server):
                 while not stop.wait(0.5):
                     pass

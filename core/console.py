@@ -24,8 +24,11 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
-def setup_logging(debug: bool) -> None:
-    handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False,
+def setup_logging(debug: bool, to=None) -> None:
+    """Log through Rich to ``to`` (default stderr). While live counters are shown, log to the
+    same console that draws them, so log lines scroll above the counters instead of
+    tearing them."""
+    handler = RichHandler(console=to or err_console, show_path=False, rich_tracebacks=False,
                           log_time_format="[%X]")
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s",
                         handlers=[handler], force=True)
@@ -80,7 +83,7 @@ def devices_table(registry: Registry) -> Table:
         table.add_column(col, **kw)
     for e in registry.devices:
         free, total = e.device.memory()
-        table.add_row(e.device.name, f"{e.plugin.name} ({e.plugin.distribution} {e.plugin.version})",
+        table.add_row(e.device.name, f"{e.plugin.name} {e.plugin.version}",
                       e.device.type.label, e.device.description, str(total // MIB), str(free // MIB))
     return table
 
