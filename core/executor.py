@@ -70,6 +70,8 @@ class ArrayLib:
 
     name = "numpy"
     xp = np
+    #: views alias buffer memory, so they can be made once per graph and reused
+    views_alias = True
 
     def bytes_of(self, buffer):
         """The buffer's memory as a 1-D uint8 array.
@@ -203,16 +205,15 @@ class NodeContext:
         self.xp = lib.xp
         self.node = node
         self.cache = cache
+        # Resolved once per graph and reused by GRAPH_RECOMPUTE (see GraphPlan).
+        self.dst = tensor_view(node)
+        self._srcs = [tensor_view(s) if s is not None else None for s in node.src]
+        self._raw: dict[tuple, object] = {}
 
     # -- description ------------------------------------------------------
 
-    @property
-    def dst(self) -> TensorView:
-        return tensor_view(self.node)
-
     def src(self, i: int) -> TensorView | None:
-        s = self.node.src[i] if i < len(self.node.src) else None
-        return tensor_view(s) if s is not None else None
+        return self._srcs[i] if i < len(self._srcs) else None
 
     def has_src(self, i: int) -> bool:
         return i < len(self.node.src) and self.node.src[i] is not None
@@ -235,7 +236,13 @@ class NodeContext:
             self.fail(f"{tv.type.name} data cannot be read element-wise here")
         if tv.buffer is None:
             return self.xp.zeros(tv.shape, dtype=dtype)
-        return self.lib.view(tv.buffer, tv.offset, tv.shape, tv.strides, dtype)
+        if not self.lib.views_alias:
+            return self.lib.view(tv.buffer, tv.offset, tv.shape, tv.strides, dtype)
+        key = (tv.buffer.serial, tv.offset, tv.ne, tv.nb, dtype)
+        view = self._raw.get(key)
+        if view is None:
+            view = self._raw[key] = self.lib.view(tv.buffer, tv.offset, tv.shape, tv.strides, dtype)
+        return view
 
     def f32(self, tv: TensorView):
         """The elements as float32, shape (ne3, ne2, ne1, ne0), dequantizing when needed."""
@@ -327,22 +334,40 @@ def forget_buffer(buffer) -> None:
         cache.drop_buffer(buffer.serial)
 
 
-def execute(device, graph) -> None:
-    """Run every node of ``graph`` on ``device`` in order."""
-    lib = device.array_lib or NUMPY
-    cache = weight_cache(device)
-    from . import ops  # noqa: F401  (fills OP_TABLE)
+class GraphPlan:
+    """A graph prepared for execution: each node's implementation and resolved views.
 
-    for node in graph.nodes:
-        if node.op in ggml.VIEW_OPS:
-            continue
-        impl = OP_TABLE.get(node.op)
-        if impl is None:
-            raise GraphError(f"op not implemented on {device.name}: {node.describe()}")
-        ctx = NodeContext(device, lib, node, cache)
-        try:
-            impl(ctx)
-        except GraphError:
-            raise
-        except Exception as exc:
-            raise GraphError(f"{type(exc).__name__} in {node.describe()}: {exc}") from exc
+    Built at GRAPH_COMPUTE and kept with the graph, so GRAPH_RECOMPUTE neither
+    re-parses nor re-resolves anything. The session drops the graph (and so the
+    plan) when any buffer it touches is freed.
+    """
+
+    def __init__(self, device, graph):
+        from . import ops  # noqa: F401  (fills OP_TABLE)
+
+        lib = device.array_lib or NUMPY
+        cache = weight_cache(device)
+        self.steps = []
+        for node in graph.nodes:
+            if node.op in ggml.VIEW_OPS:
+                continue
+            impl = OP_TABLE.get(node.op)
+            if impl is None:
+                raise GraphError(f"op not implemented on {device.name}: {node.describe()}")
+            self.steps.append((impl, NodeContext(device, lib, node, cache)))
+
+    def run(self) -> None:
+        for impl, ctx in self.steps:
+            try:
+                impl(ctx)
+            except GraphError:
+                raise
+            except Exception as exc:
+                raise GraphError(f"{type(exc).__name__} in {ctx.node.describe()}: {exc}") from exc
+
+
+def execute(device, graph) -> None:
+    """Run every node of ``graph`` on ``device`` in order (preparing its plan on first use)."""
+    if graph.plan is None:
+        graph.plan = GraphPlan(device, graph)
+    graph.plan.run()
