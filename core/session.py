@@ -36,6 +36,12 @@ _RECV_CHUNK = 1 << 20
 _VERSION = "%d.%d.%d" % PROTOCOL_VERSION
 
 
+def _pieces(nbytes: int):
+    """(offset, size) pieces of at most TRANSFER_CHUNK bytes covering ``nbytes``."""
+    for pos in range(0, nbytes, TRANSFER_CHUNK):
+        yield pos, min(TRANSFER_CHUNK, nbytes - pos)
+
+
 class _NoHello(ClientGone):
     """A peer that connected and closed without sending anything (a port probe)."""
 
@@ -299,12 +305,9 @@ class Session:
         entry, at = self.buffers.region(ref, offset, nbytes, cmd.name)
         self._dbg("SET_TENSOR %s offset=%d size=%d cache=%d", ref.tensor.describe(),
                   offset, nbytes, cache_flag)
-        pos = 0
-        while pos < nbytes:
-            n = min(TRANSFER_CHUNK, nbytes - pos)
+        for pos, n in _pieces(nbytes):
             with entry.buffer.writer(at + pos, n) as view:
                 self._recv_into(view)
-            pos += n
         if nbytes:
             entry.buffer.mark_written()
         if cache_flag and self.server.cache is not None and nbytes:
@@ -330,8 +333,7 @@ class Session:
     def _read_bytes(self, entry: SessionBuffer, at: int, nbytes: int) -> bytes:
         """One host copy of a buffer region, read in bounded pieces."""
         parts = []
-        for pos in range(0, nbytes, TRANSFER_CHUNK):
-            n = min(TRANSFER_CHUNK, nbytes - pos)
+        for pos, n in _pieces(nbytes):
             with entry.buffer.reader(at + pos, n) as view:
                 parts.append(bytes(view))
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -342,12 +344,9 @@ class Session:
         entry, at = self.buffers.region(ref, offset, nbytes, cmd.name)
         self._dbg("GET_TENSOR %s offset=%d size=%d", ref.tensor.describe(), offset, nbytes)
         self._send(SIZE.pack(nbytes))
-        pos = 0
-        while pos < nbytes:
-            n = min(TRANSFER_CHUNK, nbytes - pos)
+        for pos, n in _pieces(nbytes):
             with entry.buffer.reader(at + pos, n) as view:
                 self._send(view)
-            pos += n
 
     def _copy_tensor(self, cmd, size):
         raw_src, raw_dst = self._fixed_request(cmd, size)
