@@ -1,0 +1,208 @@
+"""Graph execution on a CUDA device: the shared executor, with this plugin's kernels swapped in.
+
+:func:`run_graph` builds the shared executor's plan (``rpcserver.executor.GraphPlan``:
+one ``(implementation, NodeContext)`` step per node) and replaces the
+implementation of the ops in :data:`OVERRIDES` by a wrapper that first tries the
+plugin's kernel and, when the kernel does not cover the node (types, layout,
+sizes), runs the shared implementation. Everything else is the shared
+implementation with ``xp = cupy``. The routes are listed in
+:mod:`rpcserver_cuda.dispatch`.
+
+No CuPy import at module level: the CuPy module comes from the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from rpcserver.ggml import GGMLType, Op
+
+from . import dispatch, kernels
+
+log = logging.getLogger("rpcserver.cuda")
+
+_F32 = GGMLType.F32
+_F16 = GGMLType.F16
+
+
+def run_graph(device, graph) -> None:
+    """Execute ``graph`` on ``device`` (the caller made the device and its stream current)."""
+    from rpcserver import executor
+
+    if graph.plan is None:
+        plan = executor.GraphPlan(device, graph)
+        specialize(plan)
+        graph.plan = plan
+    graph.plan.run()
+
+
+def specialize(plan) -> int:
+    """Swap the overridden ops' implementations in ``plan``; returns how many steps changed.
+
+    Tolerates a plan of another shape (then nothing is swapped and the shared
+    implementations run).
+    """
+    steps = getattr(plan, "steps", None)
+    if not isinstance(steps, list):
+        return 0
+    changed = 0
+    for i, step in enumerate(steps):
+        try:
+            impl, ctx = step
+            op = ctx.node.op
+        except (TypeError, ValueError, AttributeError):
+            continue
+        kernel = OVERRIDES.get(op)
+        if kernel is not None:
+            steps[i] = (_with_fallback(kernel, impl), ctx)
+            changed += 1
+    return changed
+
+
+def _with_fallback(kernel, shared):
+    def impl(ctx):
+        if not kernel(ctx):
+            shared(ctx)
+
+    impl.__name__ = f"cuda_{kernel.__name__}"
+    impl.kernel, impl.shared = kernel, shared
+    return impl
+
+
+_disabled: set[str] = set()
+
+
+def _get_kernel(ctx, family: str, module: str, name: str):
+    """The compiled kernel, or None when the family is switched off or failed to build."""
+    if family in _disabled or not dispatch.kernels_enabled(family):
+        return None
+    try:
+        return ctx.lib.kernels.kernel(module, name)
+    except Exception as exc:  # noqa: BLE001 - a build problem must not fail graphs
+        _disabled.add(family)
+        log.warning("CUDA kernel %s:%s could not be built (%s: %s); the %s kernels are off and "
+                    "the shared implementation runs instead", module, name, type(exc).__name__,
+                    exc, family)
+        return None
+
+
+def _ptr_array(tv):
+    """A CuPy array whose data pointer is the first byte of ``tv`` (what a kernel argument needs)."""
+    return tv.buffer.array[tv.offset:]
+
+
+# ------------------------------------------------------------------------------ MUL_MAT
+
+
+def mul_mat_vec(ctx) -> bool:
+    """Quantized 2-D weights times a few float columns, dequantizing inside the dot products."""
+    w, x, dst = ctx.src(0), ctx.src(1), ctx.dst
+    spec = kernels.QUANT_SPECS_BY_VALUE.get(w.type.value)
+    if spec is None or w.buffer is None or dst.buffer is None or x.buffer is None:
+        return False
+    k, m = w.ne[0], w.ne[1]
+    n_cols = x.ne[1] * x.ne[2] * x.ne[3]
+    if (w.ne[2] != 1 or w.ne[3] != 1 or not 0 < n_cols <= kernels.MMV_MAX_COLS
+            or x.ne[0] != k or k % spec.block_size or w.nb[0] != spec.type_size
+            or tuple(dst.ne) != (m, x.ne[1], x.ne[2], x.ne[3]) or m == 0
+            or k >= 2**31 or m >= 2**31):
+        return False
+    kern = _get_kernel(ctx, "mul_mat_vec", f"quant_{spec.ident}", spec.mul_mat_vec_kernel)
+    if kern is None:
+        return False
+    cp = ctx.xp
+    xs = cp.ascontiguousarray(ctx.f32(x).reshape(n_cols, k), dtype=cp.float32)
+    y = cp.empty((n_cols, m), dtype=cp.float32)
+    kern((m,), (kernels.MMV_THREADS,),
+         (_ptr_array(w), np.int64(w.nb[1]), xs, y, np.int32(k), np.int32(m), np.int32(n_cols)))
+    ctx.store(y.reshape(dst.shape))
+    return True
+
+
+# ------------------------------------------------------------------------------ row kernels
+
+
+def _f32_rows(tv) -> bool:
+    return tv is not None and tv.buffer is not None and tv.type.value == _F32 and tv.nb[0] == 4
+
+
+def _row_launch_args(src, dst):
+    return (_ptr_array(src), np.int64(src.nb[1]), np.int64(src.nb[2]), np.int64(src.nb[3]),
+            _ptr_array(dst), np.int64(dst.nb[1]), np.int64(dst.nb[2]), np.int64(dst.nb[3]),
+            np.int32(src.ne[0]), np.int64(src.ne[1]), np.int64(src.ne[2]))
+
+
+def rms_norm(ctx) -> bool:
+    src, dst = ctx.src(0), ctx.dst
+    if not (_f32_rows(src) and _f32_rows(dst)) or tuple(src.ne) != tuple(dst.ne):
+        return False
+    if src.ne[0] >= 2**31:
+        return False
+    rows = src.ne[1] * src.ne[2] * src.ne[3]
+    kern = _get_kernel(ctx, "rms_norm", "rows", kernels.RMS_NORM_KERNEL)
+    if kern is None:
+        return False
+    dst.buffer.graph_written = True
+    if rows and src.ne[0]:
+        kern((rows,), (kernels.ROW_THREADS,),
+             _row_launch_args(src, dst) + (np.float32(ctx.param_f32(0)),))
+    return True
+
+
+def alibi_params(n_head: int, max_bias: float):
+    """(m0, m1, n_head_log2) as ggml derives the ALiBi slopes from max_bias."""
+    if not max_bias > 0.0 or n_head <= 0:
+        return np.float32(1.0), np.float32(1.0), 1
+    n_head_log2 = 1 << int(math.floor(math.log2(n_head)))
+    m0 = np.float32(2.0) ** (-np.float32(max_bias) / np.float32(n_head_log2))
+    m1 = np.float32(2.0) ** (-(np.float32(max_bias) / np.float32(2.0)) / np.float32(n_head_log2))
+    return np.float32(m0), np.float32(m1), n_head_log2
+
+
+def soft_max(ctx) -> bool:
+    src, dst = ctx.src(0), ctx.dst
+    if not (_f32_rows(src) and _f32_rows(dst)) or tuple(src.ne) != tuple(dst.ne):
+        return False
+    ne00, ne01, ne02, ne03 = src.ne
+    if ne00 >= 2**31:
+        return False
+    mask_type, mask_args = None, ()
+    if ctx.has_src(1):
+        mask = ctx.src(1)
+        if mask.buffer is None or mask.type.value not in (_F32, _F16):
+            return False
+        mask_type = "F32" if mask.type.value == _F32 else "F16"
+        if (mask.nb[0] != mask.type.type_size or mask.ne[0] != ne00 or mask.ne[1] < ne01
+                or mask.ne[2] == 0 or mask.ne[3] == 0 or ne02 % mask.ne[2] or ne03 % mask.ne[3]):
+            return False  # the shared implementation explains what is wrong
+        mask_args = (_ptr_array(mask), np.int64(mask.nb[1]), np.int64(mask.nb[2]),
+                     np.int64(mask.nb[3]), np.int64(mask.ne[2]), np.int64(mask.ne[3]))
+    sinks = np.uint64(0)
+    if ctx.has_src(2):
+        s = ctx.src(2)
+        if not _f32_rows(s) or s.ne[0] < ne02 or s.ne[1] * s.ne[2] * s.ne[3] != 1:
+            return False
+        sinks = _ptr_array(s)
+    kern = _get_kernel(ctx, "soft_max", "rows", kernels.SOFT_MAX_KERNELS[mask_type])
+    if kern is None:
+        return False
+    scale, max_bias = ctx.param_f32(0), ctx.param_f32(1)
+    m0, m1, n_head_log2 = alibi_params(ne02, max_bias)
+    dst.buffer.graph_written = True
+    rows = ne01 * ne02 * ne03
+    if rows and ne00:
+        kern((rows,), (kernels.ROW_THREADS,),
+             _row_launch_args(src, dst) + (np.float32(scale), np.float32(max_bias), m0, m1,
+                                           np.int32(n_head_log2), sinks) + mask_args)
+    return True
+
+
+#: op -> kernel attempt ``fn(ctx) -> bool`` (False: not covered, run the shared implementation)
+OVERRIDES = {
+    int(Op.MUL_MAT): mul_mat_vec,
+    int(Op.RMS_NORM): rms_norm,
+    int(Op.SOFT_MAX): soft_max,
+}
