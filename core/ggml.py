@@ -5,8 +5,8 @@ the numeric values are what travels on the wire, so the order of each table
 is the order of the corresponding enum in ``ggml.h``.
 
 Block sizes and type sizes come from the ``gguf`` package, which tracks
-ggml's type table; the one type it does not know yet (Q2_0) is listed in
-``_TYPES_GGUF_LACKS`` with the sizes ggml declares for it.
+ggml's type table; where the two differ (Q2_0, which gguf
+does not know; Q8_1, whose size changed) ``_TYPES_OVERRIDDEN`` has ggml's sizes.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ class TypeInfo:
         return self.type_size * n // self.block_size
 
 
-# (value, name, block size, type size) for types ggml has and gguf does not know yet.
-_TYPES_GGUF_LACKS = [(42, "Q2_0", 64, 18)]
+# (value, name, block size, type size) where ggml 0.25.3 and the gguf package differ: types gguf
+# does not know yet, and Q8_1, whose block ggml now packs as two F16 (d, s) + 32 int8 = 36 bytes
+# (gguf still lists the older 40).
+_TYPES_OVERRIDDEN = [(42, "Q2_0", 64, 18), (9, "Q8_1", 32, 36)]
 
 TYPE_COUNT = 43  # GGML_TYPE_COUNT
 
@@ -57,8 +59,8 @@ def _build_type_table() -> dict[int, TypeInfo]:
     table = {}
     for qtype, (block_size, type_size) in gguf.GGML_QUANT_SIZES.items():
         table[int(qtype)] = TypeInfo(int(qtype), qtype.name, block_size, type_size)
-    for value, name, block_size, type_size in _TYPES_GGUF_LACKS:
-        table.setdefault(value, TypeInfo(value, name, block_size, type_size))
+    for value, name, block_size, type_size in _TYPES_OVERRIDDEN:
+        table[value] = TypeInfo(value, name, block_size, type_size)
     return {k: table[k] for k in sorted(table) if k < TYPE_COUNT}
 
 
