@@ -93,6 +93,20 @@ class ArrayLib:
         raw = self.bytes_of(buffer)
         return np.ndarray(shape, dtype=dtype, buffer=raw, offset=offset, strides=strides)
 
+    def write(self, buffer, offset: int, shape, strides, dtype, values, index=None) -> None:
+        """``view[...] = values`` (or ``view[index] = values``) for the strided view of ``buffer``.
+
+        Only called for libraries whose views do not alias buffer memory (``views_alias``
+        False, e.g. MLX): aliasing ones are written through the views the executor caches.
+        ``values`` is already of ``dtype``'s kind (converted by :meth:`NodeContext.store`);
+        ``index`` indexes the outer dims (ne3, ne2, ne1) as in ``NodeContext.store``.
+        """
+        view = self.view(buffer, offset, shape, strides, dtype)
+        if index is None:
+            view[...] = values
+        else:
+            view[index] = values
+
     def to_numpy(self, a):
         return np.asarray(a)
 
@@ -285,24 +299,49 @@ class NodeContext:
         tv.buffer.graph_written = True
         xp, t = self.xp, tv.type.value
         if tv.type.is_quantized:
-            rows = self.lib.view(tv.buffer, tv.offset, tv.shape[:3] + (tv.type.row_size(tv.ne[0]),),
-                                 tv.strides[:3] + (1,), np.uint8)
-            target_shape = rows[index].shape[:-1] + (tv.ne[0],) if index is not None else tv.shape
-            values = xp.broadcast_to(values, target_shape)
+            shape = tv.shape[:3] + (tv.type.row_size(tv.ne[0]),)
+            strides = tv.strides[:3] + (1,)
+            rows_shape = _indexed_shape(xp, shape, index)
+            values = xp.broadcast_to(values, rows_shape[:-1] + (tv.ne[0],))
             packed = self.lib.from_numpy(self.lib.quantize(values.reshape(-1, tv.ne[0]), t))
+            packed = packed.reshape(rows_shape)
+            if not self.lib.views_alias:
+                self.lib.write(tv.buffer, tv.offset, shape, strides, np.uint8, packed, index)
+                return
+            rows = self.lib.view(tv.buffer, tv.offset, shape, strides, np.uint8)
             if index is None:
-                rows[...] = packed.reshape(rows.shape)
+                rows[...] = packed
             else:
-                rows[index] = packed.reshape(rows[index].shape)
+                rows[index] = packed
+            return
+        if not self.lib.views_alias:
+            # the library's arrays do not alias the buffer (MLX): no view to assign through
+            if t == ggml.GGMLType.BF16 and not _is_bf16_bits(values):
+                values = f32_to_bf16(xp, xp.broadcast_to(values, _indexed_shape(xp, tv.shape, index)))
+            self.lib.write(tv.buffer, tv.offset, tv.shape, tv.strides, storage_dtype(t), values, index)
             return
         out = self.raw(tv)
-        if t == ggml.GGMLType.BF16:
+        if t == ggml.GGMLType.BF16 and not _is_bf16_bits(values):
             shape = out[index].shape if index is not None else tv.shape
             values = f32_to_bf16(xp, xp.broadcast_to(values, shape))
         if index is None:
             out[...] = values
         else:
             out[index] = values
+
+
+def _is_bf16_bits(values) -> bool:
+    """True when ``values`` already are BF16 bit patterns (uint16, e.g. from ``raw`` of a BF16
+    tensor) rather than numbers to convert; works for NumPy, CuPy and MLX dtypes."""
+    return str(getattr(values, "dtype", "")).endswith("uint16")
+
+
+def _indexed_shape(xp, shape, index) -> tuple:
+    """The shape of ``a[index]`` for an array ``a`` of ``shape`` (``index`` None: ``shape``)."""
+    if index is None:
+        return tuple(shape)
+    probe = xp.broadcast_to(xp.zeros((1,) * len(shape), dtype=xp.int8), tuple(shape))
+    return tuple(probe[index].shape)
 
 
 def weight_cache_budget(device) -> int:
@@ -344,6 +383,7 @@ class GraphPlan:
 
     def __init__(self, device, graph):
         from . import ops  # noqa: F401  (fills OP_TABLE)
+        from .ops.support import check_support
 
         lib = device.array_lib or NUMPY
         cache = weight_cache(device)
@@ -354,6 +394,7 @@ class GraphPlan:
             impl = OP_TABLE.get(node.op)
             if impl is None:
                 raise GraphError(f"op not implemented on {device.name}: {node.describe()}")
+            check_support(node)  # type combination listed in rpcserver.ops.support, else GraphError
             self.steps.append((impl, NodeContext(device, lib, node, cache)))
 
     def run(self) -> None:

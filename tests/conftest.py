@@ -9,6 +9,8 @@
   ``peer`` attribute, the "host:port" string the server uses in its log lines.
 * ``bystander``: a second, well-behaved client holding one buffer with known
   contents, for the hostile tests: ``bystander.check()`` proves it still works.
+* ``device``: parametrized over ``ggml_harness.DEVICE_NAMES`` (``CPU``, ``MLX-CPU``): the op
+  conformance suites use it so that every case runs on every device.
 
 Plain helpers (import them with ``from conftest import ...``):
 ``wait_until``, ``assert_closed_by_server``, ``expect_closed``, ``send_quietly``,
@@ -23,6 +25,8 @@ import time
 
 import numpy as np
 import pytest
+
+import ggml_harness
 
 from rpcserver.client import RpcClient
 from rpcserver.errors import ClientGone
@@ -130,6 +134,17 @@ def internal_errors(caplog, when: str = "call") -> list[logging.LogRecord]:
 
 
 # --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(params=ggml_harness.DEVICE_NAMES)
+def device(request):
+    """Each device the op conformance suites run on (ggml_harness.DEVICE_NAMES): the test runs
+    once per device, and ``GgmlCase.run_ours()`` defaults to it. A device whose plugin is not
+    installed fails the test (the test run must install it), it is never skipped."""
+    dev = ggml_harness.device_named(request.param)
+    ggml_harness.set_device_under_test(dev)
+    yield dev
+    ggml_harness.set_device_under_test(None)
 
 
 def _cpu_device():

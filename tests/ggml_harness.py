@@ -59,6 +59,7 @@ __all__ = [
     "GgmlUnavailable", "GgmlAborted", "lib", "require_ggml", "fn", "GgmlTensor", "ggml_init_params", "T",
     "GgmlCase", "RefRun", "OursRun", "run_ours", "serialize_graph", "graph_nodes",
     "tensor_array", "nmse", "assert_close", "cpu_device", "f32_param", "op_name",
+    "DEVICE_NAMES", "device_named", "device_under_test", "set_device_under_test",
     "c_void_p", "c_int", "c_int32", "c_int64", "c_float", "c_bool", "c_size_t", "c_char_p",
     "F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
     "Q6_K", "Q8_K", "IQ4_NL", "I8", "I16", "I32", "I64", "F64", "BF16",
@@ -482,23 +483,63 @@ def serialize_graph(graph: int, *, remote_buffer: int, remote_base: int):
     return nodes, tensors
 
 
-_DEVICE = None
 #: freed rpcserver buffers, kept as (empty) objects so that no later buffer reuses
 #: their id(): the executor's conversion cache keys entries on id(buffer)
 _RETIRED: list = []
 
+#: the devices every conformance test runs on (the ``device`` fixture in conftest.py):
+#: the CPU plugin's NumPy device and the Metal plugin's MLX device on the CPU
+DEVICE_NAMES = ("CPU", "MLX-CPU")
+#: what provides each of them, for the message when one is missing
+DEVICE_PROVIDERS = {
+    "CPU": "rpcserver-cpu (`pip install ./plugins/cpu`)",
+    "MLX-CPU": "rpcserver-metal with MLX (`pip install ./plugins/metal \"mlx[cpu]\"`)",
+}
+_DEVICES: dict = {}
+_REGISTRY = None
+_ACTIVE = None
+
+
+def device_named(name: str):
+    """The installed rpcserver device called ``name`` (plugins discovered once per process).
+
+    Fails the calling test (never skips) when no plugin provides it: the conformance suite
+    must run on every device, so the test run has to install them (scripts/test.sh does).
+    """
+    global _REGISTRY
+    dev = _DEVICES.get(name)
+    if dev is None:
+        if _REGISTRY is None:
+            from rpcserver.plugins import discover
+
+            _REGISTRY = discover()
+        entry = _REGISTRY.find(name)
+        if entry is None:
+            import pytest
+
+            why = dict(_REGISTRY.unavailable)
+            pytest.fail(f"no rpcserver device named {name} (installed: {_REGISTRY.device_names()}; "
+                        f"backends without devices: {why or 'none'}): the test run must install "
+                        f"{DEVICE_PROVIDERS.get(name, 'its plugin')}; scripts/test.sh does",
+                        pytrace=False)
+        dev = _DEVICES[name] = entry.device
+    return dev
+
+
+def set_device_under_test(device) -> None:
+    """Make ``device`` the default of :func:`run_ours` (None: back to the CPU)."""
+    global _ACTIVE
+    _ACTIVE = device
+
+
+def device_under_test():
+    """The device the current test runs rpcserver on: the ``device`` fixture's, else the CPU."""
+    return _ACTIVE if _ACTIVE is not None else cpu_device()
+
 
 def cpu_device():
     """rpcserver's CPU plugin device (discovered once per process)."""
-    global _DEVICE
-    if _DEVICE is None:
-        from rpcserver.plugins import discover
-
-        entry = discover().find("CPU")
-        if entry is None:
-            raise RuntimeError("rpcserver's CPU plugin (rpcserver-cpu) is not installed")
-        _DEVICE = entry.device
-    return _DEVICE
+    return device_named("CPU")
 
 
 @dataclass
@@ -885,10 +926,11 @@ class GgmlCase:
             shared.close()
 
     def run_ours(self, device=None, outputs=None, *, native: bool = False) -> OursRun:
-        """:func:`run_ours` for this case's graph (after :meth:`run`); default device: rpcserver's CPU."""
+        """:func:`run_ours` for this case's graph (after :meth:`run`); default device: the
+        device under test (:func:`device_under_test`: the ``device`` fixture's, else the CPU)."""
         if self.ref is None:
             raise RuntimeError("call run() first")
-        return run_ours(device or cpu_device(), self.ref.graph, self.ref.snapshot,
+        return run_ours(device or device_under_test(), self.ref.graph, self.ref.snapshot,
                         self.ref.outputs if outputs is None else outputs, native=native)
 
     def check(self, device=None, outputs=None, max_nmse: float = 1e-7, inputs_fill=None):

@@ -652,3 +652,40 @@ class CommandCounter:
             except OSError:
                 pass
             self._release(pair)
+
+
+def availability_reason(*, libllama: bool = False) -> str | None:
+    """None when llama.cpp's RPC client and server can be used, else why not.
+
+    Checked in a subprocess, so that loading the native libraries cannot take
+    pytest down with it. ``libllama``: also require llama_cpp itself to import
+    and report RPC support (needed to load models).
+    """
+    code = ("import sys\n"
+            + ("import llama_cpp\n" if libllama else "")
+            + "sys.path.insert(0, %r)\nimport llamacpp as h\n"
+            "try:\n    h.check_available()\n"
+            "except h.LlamaCppUnavailable as e:\n    print(e); sys.exit(3)\n"
+            + ("if not llama_cpp.llama_supports_rpc():\n"
+               "    print('llama_supports_rpc() is false'); sys.exit(3)\n" if libllama else "")
+            ) % str(Path(__file__).resolve().parent)
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120)
+    except subprocess.TimeoutExpired:
+        return "loading llama.cpp's libraries timed out"
+    if r.returncode == 3:
+        return r.stdout.strip()
+    if r.returncode != 0:
+        return f"loading llama.cpp's libraries failed (status {r.returncode}): {r.stderr[-500:]}"
+    return None
+
+
+def skip_unless_available(*, libllama: bool = False) -> None:
+    """pytest.skip with the reason when llama.cpp's RPC pieces cannot be used here."""
+    import pytest
+
+    why = availability_reason(libllama=libllama)
+    if why:
+        pytest.skip(f"llama-cpp-python with the RPC backend is needed ({why}); install it with "
+                    f"CMAKE_ARGS=-DGGML_RPC=ON pip install llama-cpp-python")

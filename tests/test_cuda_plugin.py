@@ -1268,9 +1268,7 @@ def test_gpu_llamacpp_models_on_cuda0_match_the_cpu(gpu, tmp_path, arch, ftype, 
     import test_e2e_llamacpp as E
     from models import ModelCache
 
-    why = E._availability()
-    if why:
-        pytest.skip(f"llama-cpp-python with the RPC backend is needed ({why})")
+    h.skip_unless_available(libllama=True)
     models = ModelCache(tmp_path / "models")
     model = models.get(arch, ftype)
     twin = models.get_dequantized(arch, ftype) if ftype != "F32" else None

@@ -23,6 +23,12 @@ that the graphs really were computed by our server (GRAPH_COMPUTE count).
 When a case fails, the failure message carries the server's warnings/errors (e.g. the
 "op not implemented" line, with op, types and shapes) and the client's last lines.
 
+Devices: every case runs against ``rpcserver serve`` on its default device (the CPU
+plugin's ``CPU``), and a representative subset (``MLX_CASES``) against ``rpcserver serve
+-d MLX-CPU`` (the Metal plugin's MLX device on the CPU): one test definition, parametrized
+over (device, case). ``test_split_cpu_and_mlx_on_one_server`` serves ``-d CPU,MLX-CPU``
+from ONE server: llama.cpp sees two RPC devices on one endpoint and splits the layers.
+
 Run:  pytest -q tests/test_e2e_llamacpp.py -x        (RPCSERVER_TEST_FROM_SOURCE=1 to serve
       from this checkout's core/ instead of the installed rpcserver; E2E_SERVER=reference
       to run the same matrix against llama.cpp's own RPC server, which matches exactly)
@@ -365,31 +371,20 @@ CASES = [
 ]
 
 
-def _availability() -> str | None:
-    """None if llama_cpp imports and has RPC support; else why not (checked in a subprocess)."""
-    code = ("import sys, llama_cpp\n"
-            "sys.path.insert(0, %r)\nimport llamacpp as h\n"
-            "try:\n    h.check_available()\n"
-            "except h.LlamaCppUnavailable as e:\n    print(e); sys.exit(3)\n"
-            "if not llama_cpp.llama_supports_rpc():\n    print('llama_supports_rpc() is false'); sys.exit(3)\n"
-            ) % str(HERE)
-    try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        return "importing llama_cpp timed out"
-    if r.returncode == 3:
-        return r.stdout.strip()
-    if r.returncode != 0:
-        return f"llama_cpp is not importable: {r.stderr.strip().splitlines()[-1:]}"
-    return None
+#: The cases also run on MLX-CPU: both attention paths, F16, an 8-bit and a 4-bit type, two
+#: K-quants, and the MoE model (MUL_MAT_ID). MLX_ONLY_CASES are not in the CPU matrix.
+MLX_ONLY_CASES = [Case("llama", "F16", False)]
+MLX_CASES = ["llama-F16-fa", "llama-F16-nofa", "qwen2-Q8_0-nofa", "gemma-Q4_K_M-fa",
+             "qwen3moe-Q4_0-fa", "llama-Q6_K-nofa"]
+_BY_ID = {c.id: c for c in CASES + MLX_ONLY_CASES}
+#: (device, case): device None is `rpcserver serve` without -d (it serves the CPU plugin's CPU)
+DEVICE_CASES = ([pytest.param(None, c, id=f"CPU-{c.id}") for c in CASES]
+                + [pytest.param("MLX-CPU", _BY_ID[i], id=f"MLX-CPU-{i}") for i in MLX_CASES])
 
 
 @pytest.fixture(scope="module", autouse=True)
 def llamacpp_rpc():
-    why = _availability()
-    if why:
-        pytest.skip(f"llama-cpp-python with the RPC backend is needed ({why}); install it with "
-                    f"CMAKE_ARGS=-DGGML_RPC=ON pip install llama-cpp-python")
+    h.skip_unless_available(libllama=True)
 
 
 @pytest.fixture(scope="session")
@@ -406,9 +401,10 @@ class RunningServer:
     """``rpcserver serve`` (or the reference server) in a subprocess, behind a command-counting
     proxy."""
 
-    def __init__(self, log: Path):
+    def __init__(self, log: Path, devices: str | None = None):
         self._base = log
         self._starts = 0
+        self.devices = devices  # `serve -d` (None: its default choice)
         self._start()
 
     def _start(self):
@@ -419,7 +415,8 @@ class RunningServer:
             self.proc = h.start_reference_server(self.port, threads=THREADS, log_path=log,
                                                  env={"GGML_NO_BACKTRACE": "1"})
         else:
-            self.proc = h.start_rpcserver(self.port, log_path=log)
+            self.proc = h.start_rpcserver(self.port, log_path=log, extra_args=(
+                ("-d", self.devices) if self.devices else ()))
         self.proxy = h.CommandCounter(self.port)
 
     @property
@@ -457,18 +454,42 @@ class RunningServer:
         h.stop(self.proc)
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """Two of our servers (the second is only used by the split test)."""
-    d = tmp_path_factory.mktemp("servers")
-    started = []
-    try:
-        for i in range(2):
-            started.append(RunningServer(d / f"rpcserver{i}.log"))
-        yield started
-    finally:
-        for s in started:
+class ServerPool:
+    """Our servers, started on first use: ``get(devices, i)`` is the i-th one serving ``-d devices``."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.started: dict = {}
+
+    def get(self, devices: str | None = None, i: int = 0) -> RunningServer:
+        key = (devices, i)
+        if key not in self.started:
+            if devices and SERVER_KIND == "reference":
+                pytest.skip("llama.cpp's own RPC server has no MLX devices")
+            name = (devices or "default").replace(",", "+")
+            self.started[key] = RunningServer(self.directory / f"rpcserver-{name}-{i}.log", devices)
+        srv = self.started[key]
+        srv.ensure_alive()
+        return srv
+
+    def stop(self):
+        for s in self.started.values():
             s.stop()
+
+
+@pytest.fixture(scope="module")
+def server_pool(tmp_path_factory):
+    pool = ServerPool(tmp_path_factory.mktemp("servers"))
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(server_pool):
+    """Two of our servers on their default device (the second is only used by the split test)."""
+    return [server_pool.get(None, 0), server_pool.get(None, 1)]
 
 
 def run_client(model: Path, endpoints: list[str], out: Path, *, flash_attn: bool,
@@ -535,10 +556,10 @@ def _graphs(delta: dict) -> int:
     return delta.get("GRAPH_COMPUTE", 0) + delta.get("GRAPH_RECOMPUTE", 0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_offloaded_logits_match_cpu(case: Case, models, servers, tmp_path, record_property):
-    srv = servers[0]
-    srv.ensure_alive()
+@pytest.mark.parametrize("device,case", DEVICE_CASES)
+def test_offloaded_logits_match_cpu(device: str | None, case: Case, models, server_pool, tmp_path,
+                                    record_property):
+    srv = server_pool.get(device)
     model = models.get(case.arch, case.ftype)
     twin = models.get_dequantized(case.arch, case.ftype) if case.ftype != "F32" else None
     since = srv.log_size()
@@ -550,7 +571,7 @@ def test_offloaded_logits_match_cpu(case: Case, models, servers, tmp_path, recor
         pytest.fail(f"{case.id}: {tail}\n--- server problems:\n{srv.problems(since)}")
     delta = srv.proxy.delta(before)
     record_property("e2e", summary(res))
-    print(f"{case.id}: {summary(res)}")
+    print(f"{device or 'CPU'} {case.id}: {summary(res)}")
 
     # every layer and the output went to the RPC device, and the server computed the graphs
     n_layer = Dims().n_layer
@@ -596,4 +617,34 @@ def test_split_two_servers_and_cpu(models, servers, tmp_path, record_property):
     for i, s in enumerate(servers):
         assert _graphs(s.proxy.delta(before[i])) >= 1 + res["n_gen"], f"server {i} computed too few graphs"
     bad = check_result(res, "split")
+    assert not bad, "\n".join(bad) + "\n" + problems
+
+
+def test_split_cpu_and_mlx_on_one_server(models, server_pool, tmp_path, record_property):
+    """ONE server serving two devices (``-d CPU,MLX-CPU``): llama.cpp sees two RPC devices
+    on one endpoint, splits the layers between them (tensor_split 1,1) and gets the CPU's
+    logits."""
+    n_layer = 4
+    model = models.get("llama", "F16", n_layer=n_layer)
+    twin = models.get_dequantized("llama", "F16", n_layer=n_layer)
+    srv = server_pool.get("CPU,MLX-CPU")
+    since = srv.log_size()
+    before = srv.proxy.snapshot()
+    res, tail = run_client(model, [srv.endpoint], tmp_path / "result.json", flash_attn=False,
+                           twin=twin, extra=["--tensor-split", "1,1"])
+    srv.proxy.wait_idle()
+    problems = f"--- server problems:\n{srv.problems(since)}"
+    if res is None:
+        pytest.fail(f"split CPU+MLX-CPU: {tail}\n{problems}")
+    record_property("e2e", summary(res))
+    print(f"split CPU+MLX-CPU: {summary(res)}")
+    assert len(res["devices"]) == 2, res["devices"]  # RPC0 = CPU, RPC1 = MLX-CPU (the -d order)
+    assert any(f"offloaded {n_layer + 1}/{n_layer + 1} layers" in ln for ln in res["rpc_log"]), \
+        "\n".join(res["rpc_log"])
+    buffers = [ln for ln in res["rpc_log"] if "model buffer size" in ln]
+    for d in res["devices"]:  # named RPC<i>[host:port] in llama.cpp's log: both on this endpoint
+        assert any(f"{d}[{srv.endpoint}]" in ln for ln in buffers), f"no weights on {d}: {buffers}"
+    # both devices compute every step: a graph each per evaluation
+    assert _graphs(srv.proxy.delta(before)) >= 2 * (1 + res["n_gen"]), srv.proxy.delta(before)
+    bad = check_result(res, "split CPU+MLX-CPU")
     assert not bad, "\n".join(bad) + "\n" + problems

@@ -38,33 +38,9 @@ CACHE_SIZE = 11 * MIB + 12345  # over the client's 10 MiB SET_TENSOR_HASH thresh
 
 # ----------------------------------------------------------------------------- plumbing
 
-def _availability() -> str | None:
-    """None when llama.cpp's RPC client and server can be used, else why not.
-
-    Checked in a subprocess: loading the native libraries must not be able to
-    take pytest down with it.
-    """
-    code = ("import sys; sys.path.insert(0, %r); import llamacpp as h\n"
-            "try:\n    h.check_available()\n"
-            "except h.LlamaCppUnavailable as e:\n    print(e); sys.exit(3)\n") % str(HERE)
-    try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=60)
-    except subprocess.TimeoutExpired:
-        return "loading llama.cpp's libraries timed out"
-    if r.returncode == 3:
-        return r.stdout.strip()
-    if r.returncode != 0:
-        return f"loading llama.cpp's libraries failed (status {r.returncode}): {r.stderr[-500:]}"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def llamacpp_rpc():
-    why = _availability()
-    if why:
-        pytest.skip(f"llama-cpp-python with the RPC backend is needed ({why}); install it with "
-                    f"CMAKE_ARGS=-DGGML_RPC=ON pip install llama-cpp-python")
+    h.skip_unless_available(libllama=False)
 
 
 class Server:

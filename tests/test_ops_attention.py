@@ -46,17 +46,13 @@ ROPE_F16 = 1e-9
 EXACTISH = 1e-10
 FA_F16_ACC = 5e-4
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+# every test runs on each device of ggml_harness.DEVICE_NAMES (the `device` fixture, conftest.py)
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.usefixtures("device")]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _ggml():
     H.require_ggml()
-
-
-@pytest.fixture(scope="module")
-def device():
-    return H.cpu_device()
 
 
 # -- ggml constructors ---------------------------------------------------------------------

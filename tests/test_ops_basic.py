@@ -47,7 +47,7 @@ import numpy as np
 import pytest
 
 from ggml_harness import (BF16, F16, F32, I32, I64, GgmlCase, T, assert_close, c_bool, c_float,
-                          c_int, c_void_p, cpu_device, fn, nmse, require_ggml)
+                          c_int, c_void_p, device_under_test, fn, nmse, require_ggml)
 from rpcserver.errors import GraphError
 from rpcserver.ggml import GGMLType as GT
 from rpcserver.ggml import GluOp, UnaryOp
@@ -68,6 +68,10 @@ MUL_MAT_FLOAT_NMSE = {F32: 1e-10, F16: 1e-6, BF16: 5e-5}
 # placement gives NMSE >= 1e-3.
 NMSE_QUANT_DST = 1e-6
 NMSE_BF16_ULP = 2.0 ** -16
+
+
+# every test runs on each device of ggml_harness.DEVICE_NAMES (the `device` fixture, conftest.py)
+pytestmark = pytest.mark.usefixtures("device")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -127,7 +131,7 @@ def check(build, seed: int, *, max_nmse: float = NMSE_EXACTISH, exact: bool = Fa
     with GgmlCase(seed=seed, fill_range=fill_range) as case:
         outs = [case.mark_output(t) for t in build(case)]
         ref = case.run(outs)
-        ours = case.run_ours(cpu_device())
+        ours = case.run_ours(device_under_test())
         errs = []
         for t, r, o in zip(outs, ref.arrays, ours.arrays):
             g = T(t)
@@ -581,7 +585,7 @@ def _mul_mat(wtype: int, shape: str, seed: int):
         a = new(case, wtype, (K, M) + cfg["b0"], cfg.get("src0", "cont"), fill)
         b = new(case, F32, (K, cfg["n"]) + cfg["b1"], cfg["src1"])
         out = case.mark_output(G("ggml_mul_mat")(case.ctx, a, b))
-        ref, ours = case.check(cpu_device(), [out],
+        ref, ours = case.check(device_under_test(), [out],
                                max_nmse=MUL_MAT_FLOAT_NMSE.get(wtype, NMSE_MUL_MAT))
         # exact product of what ggml says the weights are (its own to_float) and the activations
         w = ref.input(a).astype(np.float64)       # (A3, A2, M, K)
@@ -802,6 +806,6 @@ def test_cont_quantized_view(t0, seed):
     with GgmlCase(seed=seed) as case:
         outs = [case.mark_output(t) for t in build(case)]
         ref = case.run(outs)
-        ours = case.run_ours(cpu_device(), native=True)
+        ours = case.run_ours(device_under_test(), native=True)
         for t, o in zip(outs, ours.arrays):
             assert np.array_equal(ref.array(t, native=True), o), f"{tname(int(t0))} blocks differ"

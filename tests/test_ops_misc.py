@@ -17,7 +17,8 @@ import ggml_harness as H
 from ggml_harness import (F16, F32, I32, Q4_0, Q8_0, GgmlCase, T, assert_close, c_bool, c_float,
                           c_int, c_int64, c_size_t, c_void_p, fn)
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+# every test runs on each device of ggml_harness.DEVICE_NAMES (the `device` fixture, conftest.py)
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.usefixtures("device")]
 
 
 

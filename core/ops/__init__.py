@@ -4,6 +4,14 @@ Each module registers its ops in :data:`rpcserver.executor.OP_TABLE` with
 :func:`op`. An implementation receives a :class:`rpcserver.executor.NodeContext`
 and writes the node's result with ``ctx.store`` (or into views it obtains
 from the context). Semantics follow ggml's CPU backend (ggml-cpu/ops.cpp).
+
+Portability (NumPy, CuPy and MLX run the same code): write results through
+``ctx.store`` (MLX arrays do not alias buffer memory, so assigning into a view
+of a buffer writes nothing there; assigning into arrays an op made itself is
+fine); make float32 scalars with ``np.float32(...)`` (``xp.float32`` is a
+dtype, not a constructor, in MLX) and keep NumPy scalars to the right of
+array operands or use Python floats (``np.float32(2) * a`` turns an MLX array
+into a NumPy one).
 """
 
 from __future__ import annotations

@@ -157,14 +157,14 @@ def _round_blocks(xp, x, block: int, per_block_signed_max: bool):
         idx = xp.argmax(a, axis=-1)[..., None]
         mx = xp.take_along_axis(b, idx, axis=-1)
         zero = mx == 0
-        iscale = xp.where(zero, _f32(0), _f32(-127.0) / xp.where(zero, _f32(1), mx))
+        iscale = xp.where(zero, _f32(0), -127.0 / xp.where(zero, _f32(1), mx))
         q = xp.minimum(xp.rint(iscale * b), _f32(127))
-        d = xp.where(zero, _f32(0), _f32(1) / xp.where(zero, _f32(1), iscale))
+        d = xp.where(zero, _f32(0), 1.0 / xp.where(zero, _f32(1), iscale))
     else:
         amax = xp.max(a, axis=-1, keepdims=True)
         zero = amax == 0
         d = (amax / _f32(127.0)).astype(xp.float16).astype(xp.float32)
-        inv = xp.where(zero, _f32(0), _f32(127.0) / xp.where(zero, _f32(1), amax))
+        inv = xp.where(zero, _f32(0), 127.0 / xp.where(zero, _f32(1), amax))
         q = xp.rint(b * inv)
     return (q * d).astype(xp.float32).reshape(shape)
 
@@ -247,7 +247,7 @@ def flash_attn_ext(ctx):
         s = xp.matmul(_grouped(qc, hk), xp.swapaxes(k, -1, -2)).reshape(shape)
         s = s * scale
         if softcap != 0.0:
-            s = _f32(softcap) * xp.tanh(s)
+            s = xp.tanh(s) * _f32(softcap)
         masked = None
         if mask is not None:
             m = _expand_mask(xp, mask[:, :, r0:r1, :], shape, slopes)
@@ -267,6 +267,6 @@ def flash_attn_ext(ctx):
             live = live.astype(xp.float32)
             hit = xp.matmul(_grouped(live, hv), v_bad).reshape(acc.shape) > 0
             acc = xp.where(hit, _f32(np.nan), acc)
-        inv = xp.where(total == 0, _f32(0), _f32(1) / xp.where(total == 0, _f32(1), total))
+        inv = xp.where(total == 0, _f32(0), 1.0 / xp.where(total == 0, _f32(1), total))
         out[:, :, r0:r1, :] = acc * inv
     ctx.store(xp.swapaxes(out, 1, 2))  # dst is [DV, H, n_q, B]: heads are the inner row index

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from .. import ggml
 from ..ggml import GluOp, Op, UnaryOp
 from . import broadcast_like, op
@@ -38,8 +40,8 @@ def clamp(ctx):
     xp = ctx.xp
     lo, hi = ctx.param_f32(0), ctx.param_f32(1)
     x = ctx.f32(ctx.src(0))
-    x = xp.where(x < hi, x, xp.float32(hi))
-    ctx.store(xp.where(x > lo, x, xp.float32(lo)))
+    x = xp.where(x < hi, x, np.float32(hi))
+    ctx.store(xp.where(x > lo, x, np.float32(lo)))
 
 
 @op(Op.SQR, Op.SQRT, Op.LOG, Op.SIN, Op.COS)
@@ -152,7 +154,7 @@ def _via_f16_table(xp, fn, x, src_type, shortcut):
         return _f16_round(xp, fn(xp, _f16_round(xp, x)))
     inner = xp.clip(x, -10.0, 10.0)  # the table is only consulted strictly inside (-10, 10)
     y = _f16_round(xp, fn(xp, _f16_round(xp, inner)))
-    return xp.where(x <= -10.0, xp.float32(0.0), xp.where(x >= 10.0, x, y))
+    return xp.where(x <= -10.0, np.float32(0.0), xp.where(x >= 10.0, x, y))
 
 
 def _round_half_away(xp, x):

@@ -28,6 +28,7 @@ import numpy as np
 from ..executor import storage_dtype
 from ..ggml import GGMLType, Op
 from . import op
+from .elementwise import _as_bytes
 
 # enum ggml_sort_order / ggml_tri_type / ggml_scale_mode
 SORT_ASC, SORT_DESC = 0, 1
@@ -180,18 +181,8 @@ def concat(ctx):
         ctx.store(xp.concatenate([ctx.raw(a_v), ctx.raw(b_v)], axis=axis))
         return
     # quantized: whole blocks are copied, byte for byte (dim 0 joins rows of blocks)
-    if dst.buffer is None:
-        return
-
-    def row_bytes(tv):
-        if tv.buffer is None:
-            return xp.zeros(tv.shape[:3] + (tv.type.row_size(tv.ne[0]),), dtype=xp.uint8)
-        return ctx.lib.view(tv.buffer, tv.offset, tv.shape[:3] + (tv.type.row_size(tv.ne[0]),),
-                            tv.strides[:3] + (1,), np.uint8)
-
-    joined = xp.concatenate([row_bytes(a_v), row_bytes(b_v)], axis=axis)
-    dst.buffer.graph_written = True
-    row_bytes(dst)[...] = joined
+    joined = xp.concatenate([ctx.raw(_as_bytes(a_v)), ctx.raw(_as_bytes(b_v))], axis=axis)
+    ctx.store(joined, _as_bytes(dst))
 
 
 # --------------------------------------------------------------------------- generators
@@ -229,7 +220,7 @@ def timestep_embedding(ctx):
     if dst.ne[0] < dim or dst.ne[1] != t.shape[0]:
         ctx.fail("TIMESTEP_EMBEDDING shapes do not agree")
     j = xp.arange(half, dtype=xp.float32)
-    freq = xp.exp(-xp.log(xp.float32(max_period)) * j / xp.float32(max(half, 1)))
+    freq = xp.exp(j * -np.log(np.float32(max_period)) / np.float32(max(half, 1)))
     arg = t[:, None] * freq[None, :]
     parts = [xp.cos(arg), xp.sin(arg)]
     if dim % 2:
@@ -260,16 +251,16 @@ def tri(ctx):
             TRI_UPPER: i0 > i1, TRI_UPPER_DIAG: i0 >= i1}.get(kind)
     if keep is None:
         ctx.fail(f"invalid TRI type {kind}")
-    ctx.store(xp.where(keep, x, xp.float32(0.0)))
+    ctx.store(xp.where(keep, x, np.float32(0.0)))
 
 
 @op(Op.LEAKY_RELU)
 def leaky_relu(ctx):
     xp = ctx.xp
-    slope = xp.float32(ctx.param_f32(0))
+    slope = np.float32(ctx.param_f32(0))
     x = ctx.f32(_row_list(ctx, ctx.src(0)))
-    zero = xp.float32(0.0)
-    y = xp.where(x > 0, x, zero) + slope * xp.where(x < 0, x, zero)
+    zero = np.float32(0.0)
+    y = xp.where(x > 0, x, zero) + xp.where(x < 0, x, zero) * slope
     ctx.store(y, _row_list(ctx, ctx.dst))
 
 
@@ -283,7 +274,7 @@ def diag_mask(ctx):
     value = -np.inf if ctx.node.op == Op.DIAG_MASK_INF else 0.0
     col = xp.arange(x.shape[3]).reshape(1, -1)
     row = xp.arange(x.shape[2]).reshape(-1, 1)
-    ctx.store(xp.where(col > row + n_past, xp.float32(value), x))
+    ctx.store(xp.where(col > row + n_past, np.float32(value), x))
 
 
 @op(Op.GROUP_NORM)
@@ -307,7 +298,7 @@ def group_norm(ctx):
     centered = x - xp.take(mean, group_of_d, axis=1)[:, :, None, None]
     sq = xp.sum((centered * centered).astype(xp.float64), axis=(2, 3))
     var = ((sq @ onehot) / count).astype(xp.float32)
-    scale = xp.float32(1.0) / xp.sqrt(var + eps)
+    scale = 1.0 / xp.sqrt(var + eps)
     ctx.store(centered * xp.take(scale, group_of_d, axis=1)[:, :, None, None])
 
 
@@ -350,7 +341,7 @@ def acc_set(ctx):
         ctx.fail("ACC is defined for F32 only")
     targets = _strided_targets(ctx, b_v, dst)
     base = _values(ctx, a_v).reshape(-1)
-    base = base.astype(base.dtype, copy=True)
+    base = xp.array(base, copy=True)
     vals = _values(ctx, b_v).reshape(-1)
     if is_acc:
         base[targets] = base[targets] + vals
@@ -411,7 +402,7 @@ def pad(ctx):
         if not (n_out == n_in and (pos == np.arange(n_in)).all()):
             out = xp.take(out, ctx.lib.from_numpy(pos), axis=axis)
     if mask is not None:
-        out = xp.where(mask, out, xp.float32(0.0))
+        out = xp.where(mask, out, np.float32(0.0))
     ctx.store(out)
 
 
@@ -426,28 +417,28 @@ def roll(ctx):
 
 
 def _source_index_nearest(xp, n_out, sf):
-    return (xp.arange(n_out, dtype=xp.float32) / xp.float32(sf)).astype(xp.int64)
+    return (xp.arange(n_out, dtype=xp.float32) / np.float32(sf)).astype(xp.int64)
 
 
 def _bilinear_axis(xp, n_out, n_in, sf, offset):
     """Lower/upper source index and the (clamped) weight of the upper one, along one axis."""
-    pos = (xp.arange(n_out, dtype=xp.float32) + xp.float32(offset)) / xp.float32(sf) - xp.float32(offset)
+    pos = (xp.arange(n_out, dtype=xp.float32) + np.float32(offset)) / np.float32(sf) - np.float32(offset)
     lo = xp.floor(pos).astype(xp.int64)
     hi = lo + 1
     lo = xp.clip(lo, 0, n_in - 1)
     hi = xp.clip(hi, 0, n_in - 1)
-    frac = xp.clip(pos - lo.astype(xp.float32), xp.float32(0.0), xp.float32(1.0))
+    frac = xp.clip(pos - lo.astype(xp.float32), np.float32(0.0), np.float32(1.0))
     return lo, hi, frac
 
 
 def _bicubic_weights(xp, t):
-    a = xp.float32(-0.75)
+    a = np.float32(-0.75)
 
     def near(v):  # |v| <= 1
-        return ((a + 2) * v - (a + 3)) * v * v + 1
+        return (v * (a + 2) - (a + 3)) * v * v + 1
 
     def far(v):  # 1 < |v| < 2
-        return ((a * v - 5 * a) * v + 8 * a) * v - 4 * a
+        return ((v * a - 5 * a) * v + 8 * a) * v - 4 * a
 
     return [far(t + 1), near(t), near(1 - t), far(2 - t)]
 
@@ -480,13 +471,13 @@ def upscale(ctx):
         a, b = xp.take(top, x0, axis=3), xp.take(top, x1, axis=3)
         c, d = xp.take(bot, x0, axis=3), xp.take(bot, x1, axis=3)
         dy = dy[:, None]
-        one = xp.float32(1.0)
+        one = 1.0
         ctx.store(a * (one - dx) * (one - dy) + b * dx * (one - dy)
                   + c * (one - dx) * dy + d * dx * dy)
     elif mode == SCALE_BICUBIC:
         def axis_taps(n_out, n_in, s):
-            pos = (xp.arange(n_out, dtype=xp.float32) + xp.float32(offset)) / xp.float32(s) \
-                - xp.float32(offset)
+            pos = (xp.arange(n_out, dtype=xp.float32) + np.float32(offset)) / np.float32(s) \
+                - np.float32(offset)
             base = xp.floor(pos)
             t = pos - base
             base = base.astype(xp.int64)

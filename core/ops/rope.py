@@ -150,7 +150,7 @@ def rope_cos_sin(xp, positions, n_pairs: int, *, mode: int, n_dims: int, section
     if freq_factors is not None:
         theta = theta / freq_factors[:n_pairs].astype(xp.float32)
 
-    theta_interp = _f32(freq_scale) * theta
+    theta_interp = theta * _f32(freq_scale)
     mscale = _f32(attn_factor)
     if ext_factor != 0.0:
         low, high = yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow)

@@ -14,7 +14,7 @@ def get_rows(ctx):
     idx = ctx.raw(idx_view)[0].astype(xp.int64)  # (ne12, ne11, ne10)
     same_plain = src.type.value == dst.type.value and not src.type.is_quantized
     data = ctx.raw(src) if same_plain else ctx.f32(src)  # (ne03, ne02, ne01, ne00)
-    if int(idx.min(initial=0)) < 0 or int(idx.max(initial=0)) >= src.ne[1]:
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= src.ne[1]):
         ctx.fail(f"GET_ROWS index out of range [0, {src.ne[1]})")
     n12, n11, _ = idx.shape
     i12 = xp.arange(n12).reshape(n12, 1, 1) % data.shape[0]
@@ -35,7 +35,7 @@ def set_rows(ctx):
     values = ctx.raw(src) if same_plain else ctx.f32(src)  # (ne03, ne02, ne01, ne00)
     idx = ctx.raw(idx_view)[0].astype(xp.int64)  # (ne12, ne11, ne10)
     n03, n02, n01, _ = values.shape
-    if int(idx.min(initial=0)) < 0 or int(idx.max(initial=0)) >= dst.ne[1]:
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= dst.ne[1]):
         ctx.fail(f"SET_ROWS index out of range [0, {dst.ne[1]})")
     for i03 in range(n03):
         for i02 in range(n02):
