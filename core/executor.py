@@ -72,6 +72,9 @@ class ArrayLib:
     xp = np
     #: views alias buffer memory, so they can be made once per graph and reused
     views_alias = True
+    #: op number -> device-specific implementation ``fn(ctx) -> bool``, tried before the shared
+    #: one; it returns False when a node does not fit it (the shared implementation then runs)
+    op_overrides: dict = {}
 
     def bytes_of(self, buffer):
         """The buffer's memory as a 1-D uint8 array.
@@ -373,6 +376,16 @@ def forget_buffer(buffer) -> None:
         cache.drop_buffer(buffer.serial)
 
 
+def _with_fallback(override, shared):
+    """An implementation that tries a device's own kernel first, else the shared code."""
+    def impl(ctx):
+        if not override(ctx):
+            shared(ctx)
+
+    impl.override, impl.shared = override, shared
+    return impl
+
+
 class GraphPlan:
     """A graph prepared for execution: each node's implementation and resolved views.
 
@@ -395,6 +408,9 @@ class GraphPlan:
             if impl is None:
                 raise GraphError(f"op not implemented on {device.name}: {node.describe()}")
             check_support(node)  # type combination listed in rpcserver.ops.support, else GraphError
+            override = lib.op_overrides.get(node.op)
+            if override is not None:
+                impl = _with_fallback(override, impl)
             self.steps.append((impl, NodeContext(device, lib, node, cache)))
 
     def run(self) -> None:

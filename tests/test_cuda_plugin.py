@@ -475,14 +475,13 @@ class _Ctx:
         self.node = types.SimpleNamespace(op=int(op))
 
 
-def test_specialize_swaps_overridden_ops_and_falls_back():
+def test_graph_plan_tries_the_cuda_kernels_first_and_falls_back():
+    """GraphPlan wraps every op in the lib's op_overrides: kernel first, shared code if it
+    declines; other ops keep the shared implementation."""
+    from rpcserver import executor
+
     calls = []
-    shared_add = lambda ctx: calls.append(("shared", "add"))  # noqa: E731
     shared_mm = lambda ctx: calls.append(("shared", "mul_mat"))  # noqa: E731
-    plan = types.SimpleNamespace(steps=[(shared_add, _Ctx(ggml.Op.ADD)),
-                                        (shared_mm, _Ctx(ggml.Op.MUL_MAT)),
-                                        (shared_mm, _Ctx(ggml.Op.MUL_MAT))])
-    original = ops.OVERRIDES[int(ggml.Op.MUL_MAT)]
     decisions = iter([True, False])
 
     def fake_kernel(ctx):
@@ -490,17 +489,11 @@ def test_specialize_swaps_overridden_ops_and_falls_back():
         calls.append(("kernel", handled))
         return handled
 
-    ops.OVERRIDES[int(ggml.Op.MUL_MAT)] = fake_kernel
-    try:
-        assert ops.specialize(plan) == 2
-    finally:
-        ops.OVERRIDES[int(ggml.Op.MUL_MAT)] = original
-    assert plan.steps[0][0] is shared_add
-    for impl, ctx in plan.steps:
-        impl(ctx)
-    assert calls == [("shared", "add"), ("kernel", True), ("kernel", False), ("shared", "mul_mat")]
-    # a plan of an unknown shape is left alone
-    assert ops.specialize(types.SimpleNamespace(steps=None)) == 0
+    impl = executor._with_fallback(fake_kernel, shared_mm)
+    impl(None)
+    impl(None)
+    assert calls == [("kernel", True), ("kernel", False), ("shared", "mul_mat")]
+    assert ops.OVERRIDES and all(int(op) in ops.OVERRIDES for op in ops.OVERRIDES)
 
 
 def test_alibi_parameters_match_the_shared_slopes():

@@ -45,10 +45,13 @@ class CudaArrayLib(ArrayLib):
     views_alias = True
 
     def __init__(self, device):
+        from .ops import OVERRIDES
+
         self.device = device
         self.cupy = device.cupy
         self.xp = device.cupy
         self.kernels = KernelCache(device.cupy)
+        self.op_overrides = OVERRIDES  # the generated kernels, tried before the shared ops
 
     def bytes_of(self, buffer):
         return buffer.array

@@ -1,10 +1,9 @@
 """Graph execution on a CUDA device: the shared executor, with this plugin's kernels swapped in.
 
-:func:`run_graph` builds the shared executor's plan (``rpcserver.executor.GraphPlan``:
-one ``(implementation, NodeContext)`` step per node) and replaces the
-implementation of the ops in :data:`OVERRIDES` by a wrapper that first tries the
-plugin's kernel and, when the kernel does not cover the node (types, layout,
-sizes), runs the shared implementation. Everything else is the shared
+:func:`run_graph` runs the shared executor. ``CudaArrayLib.op_overrides`` hands it
+:data:`OVERRIDES`: the executor's plan tries the plugin's kernel for those ops first
+and, when the kernel does not cover the node (types, layout, sizes), runs the
+shared implementation. Everything else is the shared
 implementation with ``xp = cupy``. The routes are listed in
 :mod:`rpcserver_cuda.dispatch`.
 
@@ -29,47 +28,14 @@ _F16 = GGMLType.F16
 
 
 def run_graph(device, graph) -> None:
-    """Execute ``graph`` on ``device`` (the caller made the device and its stream current)."""
+    """Execute ``graph`` on ``device`` (the caller made the device and its stream current).
+
+    The shared executor runs it; :data:`OVERRIDES` reach it through
+    ``CudaArrayLib.op_overrides`` (tried first, the shared code when they decline).
+    """
     from rpcserver import executor
 
-    if graph.plan is None:
-        plan = executor.GraphPlan(device, graph)
-        specialize(plan)
-        graph.plan = plan
-    graph.plan.run()
-
-
-def specialize(plan) -> int:
-    """Swap the overridden ops' implementations in ``plan``; returns how many steps changed.
-
-    Tolerates a plan of another shape (then nothing is swapped and the shared
-    implementations run).
-    """
-    steps = getattr(plan, "steps", None)
-    if not isinstance(steps, list):
-        return 0
-    changed = 0
-    for i, step in enumerate(steps):
-        try:
-            impl, ctx = step
-            op = ctx.node.op
-        except (TypeError, ValueError, AttributeError):
-            continue
-        kernel = OVERRIDES.get(op)
-        if kernel is not None:
-            steps[i] = (_with_fallback(kernel, impl), ctx)
-            changed += 1
-    return changed
-
-
-def _with_fallback(kernel, shared):
-    def impl(ctx):
-        if not kernel(ctx):
-            shared(ctx)
-
-    impl.__name__ = f"cuda_{kernel.__name__}"
-    impl.kernel, impl.shared = kernel, shared
-    return impl
+    executor.execute(device, graph)
 
 
 _disabled: set[str] = set()
