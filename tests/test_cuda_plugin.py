@@ -132,19 +132,13 @@ def cli_env(tmp_path: Path, **extra) -> dict:
     return env
 
 
+from test_plugins import table_rows  # noqa: E402  (the Rich-table parser the CLI tests share)
+
+
 def run_cli(tmp_path, *args, env=None, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rpcserver.cli", *args], capture_output=True,
                           text=True, encoding="utf-8", env=env or cli_env(tmp_path),
                           timeout=timeout)
-
-
-def table_rows(text: str) -> dict[str, list[str]]:
-    rows = {}
-    for line in text.splitlines():
-        if line.startswith("│"):
-            cells = [c.strip() for c in line.strip("│").split("│")]
-            rows[cells[0]] = cells
-    return rows
 
 
 def free_port() -> int:
