@@ -63,8 +63,6 @@ def copy(ctx):
         # ggml copies the bytes (dup_bytes): no conversion, bit-exact for every type
         if src.type.is_quantized:
             src, dst = _as_bytes(src), _as_bytes(dst)
-        elif src.type.value == ggml.GGMLType.BF16:
-            src, dst = _as_int16(src), _as_int16(dst)  # store() would convert BF16 from float
         ctx.store(ctx.raw(src).reshape(dst.shape), dst)
         return
     ctx.store(ctx.f32(src).reshape(dst.shape))
@@ -75,11 +73,6 @@ def _as_bytes(tv):
     return dataclasses.replace(tv, type=ggml.TYPES[ggml.GGMLType.I8],
                                ne=(tv.type.row_size(tv.ne[0]),) + tuple(tv.ne[1:]),
                                nb=(1,) + tuple(tv.nb[1:]))
-
-
-def _as_int16(tv):
-    """A BF16 tensor's elements as their raw 16-bit patterns."""
-    return dataclasses.replace(tv, type=ggml.TYPES[ggml.GGMLType.I16])
 
 
 # erf's Maclaurin coefficients 2/sqrt(pi) * (-1)^n / (n! (2n+1)), n = 0..7
