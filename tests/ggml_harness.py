@@ -155,18 +155,12 @@ _TO_FLOAT = CFUNCTYPE(None, c_void_p, c_void_p, c_int64)
 
 def lib_dir() -> Path:
     """llama-cpp-python's ``lib/`` directory, found without importing the package."""
-    import importlib.util
+    import llamacpp  # the llama.cpp RPC harness beside this file knows where it lives
 
     try:
-        spec = importlib.util.find_spec("llama_cpp")
-    except (ImportError, ValueError) as exc:
-        raise GgmlUnavailable(f"llama_cpp is not importable: {exc}") from None
-    if spec is None or not spec.origin:
-        raise GgmlUnavailable("llama_cpp (llama-cpp-python) is not installed")
-    d = Path(spec.origin).resolve().parent / "lib"
-    if not d.is_dir():
-        raise GgmlUnavailable(f"llama_cpp has no lib/ directory at {d}")
-    return d
+        return llamacpp.lib_dir()
+    except llamacpp.LlamaCppUnavailable as exc:
+        raise GgmlUnavailable(str(exc)) from None
 
 
 _LIBS: list | None = None
