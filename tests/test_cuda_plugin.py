@@ -34,7 +34,6 @@ import sys
 import time
 import types
 from importlib import metadata
-from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import numpy as np
@@ -45,33 +44,16 @@ from rpcserver.device import DeviceOptions, DeviceType
 from rpcserver.hookspecs import ENTRY_POINT_GROUP
 
 REPO = Path(__file__).resolve().parent.parent
-PLUGIN_DIR = REPO / "plugins" / "cuda"
 DIST = "rpcserver-cuda"
 MIB = 1 << 20
 
 
-#: whether rpcserver-cuda is installed as a distribution (decided before anything below runs)
-INSTALLED = any(ep.name == "cuda" for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
-
-
-def _import_from_source_tree():
-    """Import plugins/cuda/rpcserver_cuda without putting plugins/cuda on sys.path (where a
-    build's egg-info would make every later in-process discover() load the plugin)."""
-    pkg = PLUGIN_DIR / "rpcserver_cuda"
-    spec = importlib.util.spec_from_file_location("rpcserver_cuda", pkg / "__init__.py",
-                                                  submodule_search_locations=[str(pkg)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rpcserver_cuda"] = module
-    spec.loader.exec_module(module)
-
-
-if not INSTALLED and "rpcserver_cuda" not in sys.modules:
-    _import_from_source_tree()
+# the plugin (installed, or from the source tree) and the CuPy stand-in that runs it on the host
+from cuda_standin import (CUDA_EP, INSTALLED, PLUGIN_DIR, NumpyCupy, cuda,  # noqa: E402,F401
+                          gpu, launches)
 
 import rpcserver_cuda  # noqa: E402
 from rpcserver_cuda import dispatch, kernels, ops, probe, qdsl  # noqa: E402
-
-CUDA_EP = EntryPoint(name="cuda", value="rpcserver_cuda", group=ENTRY_POINT_GROUP)
 
 
 def _cupy_available() -> bool:
@@ -505,7 +487,11 @@ def test_alibi_parameters_match_the_shared_slopes():
 
 def test_one_module_per_kernel_type_with_its_constants():
     names = kernels.module_names()
-    assert names == [f"quant_{s.ident}" for s in kernels.QUANT_SPECS.values()] + ["rows"]
+    assert names == ([f"quant_{s.ident}" for s in kernels.QUANT_SPECS.values()]
+                     + ["rows", "rope"])
+    for module in names:  # each module's kernel list is exactly what its source defines
+        entries = re.findall(r'extern "C" __global__ void (\w+)\(', kernels.module_source(module))
+        assert entries == kernels.kernel_names(module), module
     for spec in kernels.QUANT_SPECS.values():
         src = kernels.module_source(f"quant_{spec.ident}")
         entries = re.findall(r'extern "C" __global__ void (\w+)\(', src)
@@ -712,299 +698,6 @@ def test_pip_install_and_uninstall(tmp_path):
                 shutil.rmtree(path, ignore_errors=True)
 
 
-# ============================================================================ a NumPy-backed CuPy
-#
-# The plugin's Python side (buffers and staged transfers, CudaArrayLib views, the dequantize
-# and op-override plumbing, every kernel launch's argument list) runs here against a stand-in
-# for CuPy whose "device memory" is host memory: pointers are real host addresses, memcpy and
-# memset are ctypes', array functions are NumPy's, and a kernel launch (a) checks its
-# arguments against the C signature in the generated source and (b) computes what the kernel
-# computes, with NumPy (the dequantization formulas through qdsl.evaluate). The same tests
-# then run on a real GPU, where the kernels are the real ones.
-
-
-def _kernel_signatures(source: str) -> dict[str, list[str]]:
-    """kernel name -> the C type of each parameter ("ptr", "long long", "int", "float")."""
-    out = {}
-    for name, params in re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', source):
-        kinds = []
-        for p in params.split(","):
-            p = " ".join(p.replace("__restrict__", "").replace("const ", "").split())
-            if "*" in p:
-                kinds.append("ptr")
-            else:
-                kinds.append(p.rsplit(" ", 1)[0])
-        out[name] = kinds
-    return out
-
-
-_ABI = {"ptr": (np.ndarray, np.uint64), "long long": (np.int64,), "int": (np.int32,),
-        "float": (np.float32,)}
-
-
-class _FakeKernel:
-    def __init__(self, name, signature, emulate):
-        self.name, self.signature, self.emulate = name, signature, emulate
-        self.launches = 0
-
-    def __call__(self, grid, block, args):
-        assert len(args) == len(self.signature), (self.name, len(args), self.signature)
-        for i, (arg, kind) in enumerate(zip(args, self.signature)):
-            assert isinstance(arg, _ABI[kind]), f"{self.name} argument {i}: {type(arg)} for {kind}"
-        assert all(isinstance(g, int) and g >= 1 for g in grid + block), (grid, block)
-        assert block[0] % 32 == 0 and block[0] <= 1024
-        self.launches += 1
-        self.emulate(grid, block, *args)
-
-
-def _rows_view(base, shape, strides):
-    return np.ndarray(shape, np.float32, buffer=base, offset=0, strides=strides)
-
-
-def _emulators():
-    emus = {}
-    for spec in kernels.QUANT_SPECS.values():
-        def dequant(grid, block, src, dst, n, spec=spec):
-            blocks = np.asarray(src).reshape(-1, spec.type_size)
-            dst.reshape(-1)[:int(n)] = qdsl.evaluate(spec.element, blocks, spec.block_size).reshape(-1)
-
-        def mmv(grid, block, w, row_stride, x, y, k, m, n_cols, spec=spec):
-            k, m, n_cols = int(k), int(m), int(n_cols)
-            assert grid == (m,)
-            row_bytes = k // spec.block_size * spec.type_size
-            rows = np.ndarray((m, row_bytes), np.uint8, buffer=w, strides=(int(row_stride), 1))
-            wf = qdsl.evaluate(spec.element, rows.reshape(-1, spec.type_size), spec.block_size)
-            y[:n_cols] = x[:n_cols] @ wf.reshape(m, k).T
-
-        emus[spec.dequantize_kernel] = dequant
-        emus[spec.mul_mat_vec_kernel] = mmv
-
-    def rows_of(grid, x, xb, y, yb, ne0, ne1, ne2):
-        n_rows = grid[0]
-        ne3 = n_rows // (int(ne1) * int(ne2))
-        shape = (ne3, int(ne2), int(ne1), int(ne0))
-        xv = _rows_view(x, shape, (int(xb[2]), int(xb[1]), int(xb[0]), 4))
-        yv = _rows_view(y, shape, (int(yb[2]), int(yb[1]), int(yb[0]), 4))
-        return xv, yv
-
-    def rms(grid, block, x, xb1, xb2, xb3, y, yb1, yb2, yb3, ne0, ne1, ne2, eps):
-        xv, yv = rows_of(grid, x, (xb1, xb2, xb3), y, (yb1, yb2, yb3), ne0, ne1, ne2)
-        mean = np.mean(xv.astype(np.float64) ** 2, axis=-1, keepdims=True)
-        yv[...] = xv * (np.float32(1.0) / np.sqrt(np.float32(mean) + eps))
-
-    def soft_max(mask_dtype):
-        def run(grid, block, x, xb1, xb2, xb3, y, yb1, yb2, yb3, ne0, ne1, ne2, scale, max_bias,
-                m0, m1, n_head_log2, sinks, *mask_args):
-            xv, yv = rows_of(grid, x, (xb1, xb2, xb3), y, (yb1, yb2, yb3), ne0, ne1, ne2)
-            w = xv * scale
-            if mask_dtype is not None:
-                mask, mb1, mb2, mb3, mne2, mne3 = mask_args
-                size = np.dtype(mask_dtype).itemsize
-                mv = np.ndarray((int(mne3), int(mne2), int(ne1), int(ne0)), mask_dtype, buffer=mask,
-                                strides=(int(mb3), int(mb2), int(mb1), size)).astype(np.float32)
-                mv = np.tile(mv, (w.shape[0] // int(mne3), w.shape[1] // int(mne2), 1, 1))
-                h = np.arange(int(ne2))
-                slope = np.where(h < n_head_log2, m0 ** (h + 1.0),
-                                 m1 ** (2.0 * (h - n_head_log2) + 1.0)).astype(np.float32)
-                if not max_bias > 0:
-                    slope[:] = 1.0
-                w = w + slope.reshape(1, -1, 1, 1) * mv
-            mx = w.max(axis=-1, keepdims=True)
-            sink = None
-            if isinstance(sinks, np.ndarray):
-                sink = np.frombuffer(sinks, np.float32, int(ne2)).reshape(1, -1, 1, 1)
-                mx = np.maximum(mx, sink)
-            e = np.exp(w - mx)
-            total = e.sum(axis=-1, keepdims=True)
-            if sink is not None:
-                total = total + np.exp(sink - mx)
-            yv[...] = e / total
-        return run
-
-    emus[kernels.RMS_NORM_KERNEL] = rms
-    for mask_type, name in kernels.SOFT_MAX_KERNELS.items():
-        emus[name] = soft_max({None: None, "F32": np.float32, "F16": np.float16}[mask_type])
-    return emus
-
-
-class _BufferArray(np.ndarray):
-    """A device buffer's bytes: ``.data`` is a device pointer, as on a cupy.ndarray."""
-
-    @property
-    def data(self):
-        return _Pointer(self.base_memory, self.ctypes.data - self.base_memory.ptr)
-
-    def __array_finalize__(self, obj):
-        self.base_memory = getattr(obj, "base_memory", None)
-
-
-class _Memory:
-    def __init__(self, fake, size):
-        self.size, self.fake = 0, fake
-        if fake.allocated + size > fake.capacity:
-            raise fake.cuda.memory.OutOfMemoryError(size, fake.capacity - fake.allocated)
-        raw = np.empty(size + 256, np.uint8)
-        start = (-raw.ctypes.data) % 256
-        self.bytes = raw[start:start + size]
-        self.ptr = self.bytes.ctypes.data
-        self.size, self.fake = size, fake
-        fake.allocated += size
-
-    def __del__(self):
-        self.fake.allocated -= self.size
-
-
-class _Pointer:
-    def __init__(self, memory, offset=0):
-        self.memory, self.offset = memory, offset
-
-    @property
-    def ptr(self):
-        return self.memory.ptr + self.offset
-
-    def __add__(self, n):
-        return _Pointer(self.memory, self.offset + int(n))
-
-
-class _Stream:
-    def __init__(self, non_blocking=False):
-        self.ptr = id(self)
-
-    def synchronize(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-
-class _PinnedBytes(bytearray):
-    def __init__(self, n):
-        super().__init__(n)
-        self.ptr = ctypes.addressof(ctypes.c_char.from_buffer(self))
-
-
-class NumpyCupy(types.ModuleType):
-    """Enough of the ``cupy`` module for the plugin, on host memory (see above)."""
-
-    def __init__(self, capacity=1 << 30):
-        super().__init__("cupy")
-        self.capacity, self.allocated = capacity, 0
-        self.emulators = _emulators()
-        self.kernels: dict[str, _FakeKernel] = {}
-        fake = self
-
-        class OutOfMemoryError(MemoryError):
-            pass
-
-        class CUDARuntimeError(RuntimeError):
-            status = 0
-
-        def memcpy(dst, src, n, kind, stream):
-            ctypes.memmove(dst, src, n)
-
-        def memset(ptr, value, n, stream):
-            ctypes.memset(ptr, value, n)
-
-        runtime = types.SimpleNamespace(
-            memcpyAsync=memcpy, memsetAsync=memset, memcpyHostToDevice=1, memcpyDeviceToHost=2,
-            memcpyDeviceToDevice=3, CUDARuntimeError=CUDARuntimeError,
-            memGetInfo=lambda: (fake.capacity - fake.allocated, fake.capacity))
-        memory = types.SimpleNamespace(Memory=lambda size: _Memory(fake, size),
-                                       MemoryPointer=_Pointer, OutOfMemoryError=OutOfMemoryError)
-
-        class Device:
-            def __init__(self, index):
-                pass
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                pass
-
-        self.cuda = types.SimpleNamespace(memory=memory, runtime=runtime, Device=Device,
-                                          Stream=_Stream, alloc_pinned_memory=_PinnedBytes)
-
-    def __getattr__(self, name):  # everything else is NumPy's
-        return getattr(np, name)
-
-    def ndarray(self, shape, dtype=np.uint8, memptr=None, strides=None):
-        mem = memptr.memory
-        if memptr.offset == 0 and tuple(shape) == (mem.size,) and np.dtype(dtype) == np.uint8:
-            arr = mem.bytes.view(_BufferArray)
-            arr.base_memory = mem
-            return arr
-        return np.ndarray(shape, dtype, buffer=mem.bytes, offset=memptr.offset, strides=strides)
-
-    def asnumpy(self, a):
-        return np.asarray(a)
-
-    def get_default_memory_pool(self):
-        return types.SimpleNamespace(free_bytes=lambda: 0)
-
-    def RawModule(self, code, options=()):  # noqa: N802 - CuPy's name
-        fake = self
-        signatures = _kernel_signatures(code)
-
-        class Module:
-            def get_function(self, name):
-                if name not in fake.kernels:
-                    fake.kernels[name] = _FakeKernel(name, signatures[name], fake.emulators[name])
-                return fake.kernels[name]
-
-        return Module()
-
-
-# ============================================================================ on a GPU (and on
-# the NumPy-backed CuPy)
-
-_CUDA_DEVICE = None
-
-
-def cuda_device():
-    """CUDA0 from the plugin, or skip: "no CUDA device" (with the plugin's reason)."""
-    global _CUDA_DEVICE
-    if _CUDA_DEVICE is None:
-        registry = plugins.discover(entry_points=[CUDA_EP])
-        entry = registry.find("CUDA0")
-        if entry is None:
-            reason = dict(registry.unavailable).get("cuda", "?")
-            pytest.skip(f"no CUDA device ({reason})")
-        _CUDA_DEVICE = entry.device
-    return _CUDA_DEVICE
-
-
-def fake_device(capacity=1 << 30):
-    from rpcserver_cuda.device import CudaDevice
-
-    return CudaDevice(NumpyCupy(capacity), probe.GpuInfo(0, "NumPy stand-in for a GPU", capacity,
-                                                         (8, 0)))
-
-
-@pytest.fixture(params=["numpy-cupy", "CUDA0"])
-def cuda(request):
-    """The plugin's device on the NumPy-backed CuPy, then (where there is one) the real CUDA0."""
-    device = fake_device() if request.param == "numpy-cupy" else cuda_device()
-    yield device
-    # a kernel that failed to build is switched off with a warning and the shared code runs:
-    # right answers, but not the kernels under test
-    assert not ops._disabled, f"kernel families switched off after a build failure: {ops._disabled}"
-
-
-@pytest.fixture
-def gpu():
-    """A real CUDA0 only (serving it from a subprocess, timings...)."""
-    return cuda_device()
-
-
-def _launches(device, name) -> int:
-    kernels_ = getattr(device.cupy, "kernels", None)
-    return kernels_[name].launches if kernels_ is not None and name in kernels_ else -1
-
-
 def test_gpu_buffers_transfers_fill_copy_and_memory(cuda):
     free0, total = cuda.memory()
     assert 0 < free0 <= total
@@ -1108,7 +801,7 @@ def test_gpu_mul_mat(cuda, wtype, n):
     spec = kernels.QUANT_SPECS.get(wtype)
     if spec is not None and isinstance(cuda.cupy, NumpyCupy):  # the route the dispatch table names
         used = spec.mul_mat_vec_kernel if 2 * n <= kernels.MMV_MAX_COLS else spec.dequantize_kernel
-        assert _launches(cuda, used) >= 1, f"{used} was not launched"
+        assert launches(cuda, used) >= 1, f"{used} was not launched"
 
 
 def test_gpu_elementwise_norm_softmax_rope_getrows_cpy(cuda):
@@ -1127,7 +820,7 @@ def test_gpu_elementwise_norm_softmax_rope_getrows_cpy(cuda):
                                                                              (0, 2, 1, 3)), 1e-5))]
         case.check(cuda, outs, max_nmse=1e-7)
     if isinstance(cuda.cupy, NumpyCupy):
-        assert _launches(cuda, kernels.RMS_NORM_KERNEL) == 2
+        assert launches(cuda, kernels.RMS_NORM_KERNEL) == 2
     for mask_type, max_bias in [(None, 0.0), (F16, 0.0), (F32, 8.0)]:
         with H.GgmlCase(seed=2, fill_range=(-5.0, 5.0)) as case:
             a = case.new_tensor(F32, (96, 13, 8, 2))
@@ -1135,7 +828,7 @@ def test_gpu_elementwise_norm_softmax_rope_getrows_cpy(cuda):
             out = case.mark_output(_G("ggml_soft_max_ext")(case.ctx, a, mask, 0.125, max_bias))
             case.check(cuda, [out], max_nmse=1e-9)
     if isinstance(cuda.cupy, NumpyCupy):
-        assert all(_launches(cuda, k) == 1 for k in kernels.SOFT_MAX_KERNELS.values())
+        assert all(launches(cuda, k) == 1 for k in kernels.SOFT_MAX_KERNELS.values())
     for mode in (0, 2):  # normal, NeoX
         with H.GgmlCase(seed=3) as case:
             a = case.new_tensor(F32, (128, 8, 9))

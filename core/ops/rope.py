@@ -173,6 +173,23 @@ def rope_cos_sin(xp, positions, n_pairs: int, *, mode: int, n_dims: int, section
     return cos, sin
 
 
+def rope_params_problem(ne0: int, n_dims: int, mode: int, n_offs: int, sections) -> str | None:
+    """What is wrong with these rope parameters for rows of ``ne0`` channels, or None."""
+    if mode not in _MODES:
+        return f"rope mode {mode} is not supported"
+    if n_dims <= 0 or n_dims % 2 or n_dims > ne0:
+        return f"rope n_dims {n_dims} must be even and within (0, {ne0}]"
+    if n_offs < 0 or n_offs % 2 or n_offs + n_dims > ne0:
+        return f"rope n_offs {n_offs} must be even with n_offs + n_dims <= {ne0}"
+    if mode & MODE_MROPE and not any(s > 0 for s in sections[:3]):
+        return "multi-section rope needs a positive section"
+    if mode & MODE_MROPE and (min(sections) < 0 or sum(sections) > ne0):
+        return f"bad rope sections {sections}"
+    if mode == MODE_VISION and (2 * n_dims != ne0 or n_offs != 0):
+        return "vision rope needs n_dims == ne0/2 and no offset"
+    return None
+
+
 @op(Op.ROPE, Op.ROPE_BACK)
 def rope(ctx):
     xp = ctx.xp
@@ -188,19 +205,10 @@ def rope(ctx):
     sections = [ctx.param_i32(i) for i in range(11, 15)]
     n_offs = ctx.param_i32(15)
 
-    if mode not in _MODES:
-        ctx.fail(f"rope mode {mode} is not supported")
-    if n_dims <= 0 or n_dims % 2 or n_dims > ne0:
-        ctx.fail(f"rope n_dims {n_dims} must be even and within (0, {ne0}]")
-    if n_offs < 0 or n_offs % 2 or n_offs + n_dims > ne0:
-        ctx.fail(f"rope n_offs {n_offs} must be even with n_offs + n_dims <= {ne0}")
+    problem = rope_params_problem(ne0, n_dims, mode, n_offs, sections)
+    if problem:
+        ctx.fail(problem)
     mrope = bool(mode & MODE_MROPE)
-    if mrope and not any(s > 0 for s in sections[:3]):
-        ctx.fail("multi-section rope needs a positive section")
-    if mrope and (min(sections) < 0 or sum(sections) > ne0):
-        ctx.fail(f"bad rope sections {sections}")
-    if mode == MODE_VISION and (2 * n_dims != ne0 or n_offs != 0):
-        ctx.fail("vision rope needs n_dims == ne0/2 and no offset")
 
     n_streams = 4 if mrope else 1
     pos = ctx.raw(pos_view).reshape(-1)

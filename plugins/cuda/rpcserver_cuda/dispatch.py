@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 from rpcserver import ggml
 
+from . import rope_kernel
 from .kernels import QUANT_SPECS, RMS_NORM_KERNEL, SOFT_MAX_KERNELS
 
 KERNEL, CUPY, HOST, UNSUPPORTED = "kernel", "cupy", "host", "unsupported"
 PATHS = (KERNEL, CUPY, HOST, UNSUPPORTED)
 
 #: the switchable kernel families
-KERNEL_FAMILIES = ("dequantize", "mul_mat_vec", "rms_norm", "soft_max")
+KERNEL_FAMILIES = ("dequantize", "mul_mat_vec", "rms_norm", "soft_max", "rope")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,10 @@ CONVERT: dict[str, Route] = {
 QUANTIZE = Route(HOST, "quantized on the host with gguf (ggml's reference quantizers), uploaded")
 
 
+def _module_kernels(module) -> tuple[str, ...]:
+    return tuple(f"{module.MODULE}:{name}" for name in module.KERNEL_NAMES)
+
+
 def _mmv_kernels():
     return tuple(f"quant_{s.ident}:{s.mul_mat_vec_kernel}" for s in QUANT_SPECS.values())
 
@@ -104,7 +109,14 @@ OPS: dict[str, Route] = {
         tuple(f"rows:{k}" for k in SOFT_MAX_KERNELS.values()), CUPY, "soft_max"),
     "MUL_MAT_ID": Route(CUPY, "experts dequantized by the type's kernel (each expert only when "
                               "used, cached), products with cuBLAS"),
-    "ROPE": Route(CUPY, "shared implementation on CuPy (no kernel of its own yet)"),
+    "ROPE": Route(
+        KERNEL, "F32 or F16 rows, every mode (normal, NeoX, multi-section, vision), YaRN and "
+                "frequency factors: a block per token and group of rows, a thread per rotated "
+                "pair (its cos/sin computed once for the group); else the shared code",
+        _module_kernels(rope_kernel), CUPY, "rope"),
+    "ROPE_BACK": Route(
+        KERNEL, "the ROPE kernel with the sine negated", _module_kernels(rope_kernel), CUPY,
+        "rope"),
     "FLASH_ATTN_EXT": Route(CUPY, "shared implementation on CuPy: chunked scores and "
                                   "cuBLAS batched products (no fused kernel yet)"),
     "GET_ROWS": Route(CUPY, "quantized sources dequantized by the type's kernel"),

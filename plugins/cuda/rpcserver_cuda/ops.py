@@ -19,7 +19,7 @@ import numpy as np
 
 from rpcserver.ggml import GGMLType, Op
 
-from . import dispatch, kernels
+from . import dispatch, kernels, rope_kernel
 
 log = logging.getLogger("rpcserver.cuda")
 
@@ -171,4 +171,6 @@ OVERRIDES = {
     int(Op.MUL_MAT): mul_mat_vec,
     int(Op.RMS_NORM): rms_norm,
     int(Op.SOFT_MAX): soft_max,
+    int(Op.ROPE): rope_kernel.rope,
+    int(Op.ROPE_BACK): rope_kernel.rope,
 }
