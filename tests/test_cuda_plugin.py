@@ -488,7 +488,7 @@ def test_alibi_parameters_match_the_shared_slopes():
 def test_one_module_per_kernel_type_with_its_constants():
     names = kernels.module_names()
     assert names == ([f"quant_{s.ident}" for s in kernels.QUANT_SPECS.values()]
-                     + ["rows", "rope"])
+                     + ["rows", "rope", "flash_attn"])
     for module in names:  # each module's kernel list is exactly what its source defines
         entries = re.findall(r'extern "C" __global__ void (\w+)\(', kernels.module_source(module))
         assert entries == kernels.kernel_names(module), module

@@ -198,6 +198,13 @@ def _match_batch(xp, a, batch: int):
     return a
 
 
+def ggml_tiled_path(qv, kv, vv) -> bool:
+    """Whether ggml's CPU takes its tiled FLASH_ATTN_EXT path (F32/F16 K and V of one type,
+    at least 64 query rows), which keeps Q in float32 instead of K's vec_dot type."""
+    return (kv.type.value in (GGMLType.F32, GGMLType.F16) and kv.type.value == vv.type.value
+            and qv.type.value == GGMLType.F32 and qv.ne[1] >= 64)
+
+
 @op(Op.FLASH_ATTN_EXT)
 def flash_attn_ext(ctx):
     xp = ctx.xp
@@ -212,8 +219,7 @@ def flash_attn_ext(ctx):
         ctx.fail(f"FLASH_ATTN_EXT result must be F32 [{dv}, {n_head}, {n_q}, {n_batch}]")
     scale, max_bias, softcap = ctx.param_f32(0), ctx.param_f32(1), ctx.param_f32(2)
 
-    tiled = (kv.type.value in (GGMLType.F32, GGMLType.F16) and kv.type.value == vv.type.value
-             and qv.type.value == GGMLType.F32 and n_q >= 64)
+    tiled = ggml_tiled_path(qv, kv, vv)
     q = ctx.f32(qv)
     if not tiled:
         q = q_as_vec_dot(xp, q, kv.type)

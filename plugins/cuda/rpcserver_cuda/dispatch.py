@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 from rpcserver import ggml
 
-from . import rope_kernel
+from . import attention_kernel, rope_kernel
 from .kernels import QUANT_SPECS, RMS_NORM_KERNEL, SOFT_MAX_KERNELS
 
 KERNEL, CUPY, HOST, UNSUPPORTED = "kernel", "cupy", "host", "unsupported"
 PATHS = (KERNEL, CUPY, HOST, UNSUPPORTED)
 
 #: the switchable kernel families
-KERNEL_FAMILIES = ("dequantize", "mul_mat_vec", "rms_norm", "soft_max", "rope")
+KERNEL_FAMILIES = ("dequantize", "mul_mat_vec", "rms_norm", "soft_max", "rope", "flash_attn")
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,13 @@ OPS: dict[str, Route] = {
     "ROPE_BACK": Route(
         KERNEL, "the ROPE kernel with the sine negated", _module_kernels(rope_kernel), CUPY,
         "rope"),
-    "FLASH_ATTN_EXT": Route(CUPY, "shared implementation on CuPy: chunked scores and "
-                                  "cuBLAS batched products (no fused kernel yet)"),
+    "FLASH_ATTN_EXT": Route(
+        KERNEL, "fused attention (scores, mask, online softmax and V in one pass, K and V of "
+                "any KV-cache type read in place, heads <= 256): blocks of 4 warps on 4 query "
+                "rows sharing a K/V head, keys split across the warps, and for decode across "
+                "blocks merged by a second kernel; else the shared code (chunked scores, "
+                "cuBLAS batched products)",
+        _module_kernels(attention_kernel), CUPY, "flash_attn"),
     "GET_ROWS": Route(CUPY, "quantized sources dequantized by the type's kernel"),
 }
 

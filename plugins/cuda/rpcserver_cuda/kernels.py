@@ -460,10 +460,12 @@ extern "C" __global__ void {name}(const char * __restrict__ x, const long long x
 
 def _kernel_modules():
     """The modules whose source lives beside this file: name -> (source function, kernel names)."""
-    from . import rope_kernel
+    from . import attention_kernel, rope_kernel
 
     return {"rows": (norm_source, [RMS_NORM_KERNEL, *SOFT_MAX_KERNELS.values()]),
-            rope_kernel.MODULE: (rope_kernel.rope_source, list(rope_kernel.KERNEL_NAMES))}
+            rope_kernel.MODULE: (rope_kernel.rope_source, list(rope_kernel.KERNEL_NAMES)),
+            attention_kernel.MODULE: (attention_kernel.flash_attn_source,
+                                      list(attention_kernel.KERNEL_NAMES))}
 
 
 def module_names() -> list[str]:

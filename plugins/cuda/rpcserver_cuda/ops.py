@@ -19,7 +19,7 @@ import numpy as np
 
 from rpcserver.ggml import GGMLType, Op
 
-from . import dispatch, kernels, rope_kernel
+from . import attention_kernel, dispatch, kernels, rope_kernel
 
 log = logging.getLogger("rpcserver.cuda")
 
@@ -173,4 +173,5 @@ OVERRIDES = {
     int(Op.SOFT_MAX): soft_max,
     int(Op.ROPE): rope_kernel.rope,
     int(Op.ROPE_BACK): rope_kernel.rope,
+    int(Op.FLASH_ATTN_EXT): attention_kernel.flash_attn_ext,
 }
