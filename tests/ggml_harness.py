@@ -483,12 +483,16 @@ _RETIRED: list = []
 
 #: the devices every conformance test runs on (the ``device`` fixture in conftest.py):
 #: the CPU plugin's NumPy device and the Metal plugin's MLX device on the CPU
-DEVICE_NAMES = ("CPU", "MLX-CPU")
+DEVICE_NAMES = ("CPU", "MLX-CPU", "CUDA-host")
 #: what provides each of them, for the message when one is missing
 DEVICE_PROVIDERS = {
     "CPU": "rpcserver-cpu (`pip install ./plugins/cpu`)",
     "MLX-CPU": "rpcserver-metal with MLX (`pip install ./plugins/metal \"mlx[cpu]\"`)",
 }
+#: not a plugin's device: the CUDA plugin's CudaDevice on a CuPy stand-in that runs its
+#: kernels compiled for the host (tests/cuda_standin.py), so that the CUDA code paths pass the
+#: same suites without a GPU
+HOST_CUDA = "CUDA-host"
 _DEVICES: dict = {}
 _REGISTRY = None
 _ACTIVE = None
@@ -502,6 +506,10 @@ def device_named(name: str):
     """
     global _REGISTRY
     dev = _DEVICES.get(name)
+    if dev is None and name == HOST_CUDA:
+        import cuda_standin
+
+        dev = _DEVICES[name] = cuda_standin.fake_device(capacity=64 << 30)
     if dev is None:
         if _REGISTRY is None:
             from rpcserver.plugins import discover

@@ -24,10 +24,12 @@ When a case fails, the failure message carries the server's warnings/errors (e.g
 "op not implemented" line, with op, types and shapes) and the client's last lines.
 
 Devices: every case runs against ``rpcserver serve`` on its default device (the CPU
-plugin's ``CPU``), and a representative subset (``MLX_CASES``) against ``rpcserver serve
--d MLX-CPU`` (the Metal plugin's MLX device on the CPU): one test definition, parametrized
-over (device, case). ``test_split_cpu_and_mlx_on_one_server`` serves ``-d CPU,MLX-CPU``
-from ONE server: llama.cpp sees two RPC devices on one endpoint and splits the layers.
+plugin's ``CPU``), and representative subsets against ``rpcserver serve -d MLX-CPU`` (the
+Metal plugin's MLX device on the CPU, ``MLX_CASES``) and ``-d CUDA-host`` (the CUDA plugin
+with its kernels compiled for the host, ``CUDA_HOST_CASES``; tests/cuda_host_plugin.py):
+one test definition, parametrized over (device, case). ``test_split_devices_of_one_server``
+serves ``-d CPU,MLX-CPU`` and ``-d CUDA-host,CPU`` from ONE server: llama.cpp sees two RPC
+devices on one endpoint and splits the layers.
 
 Run:  pytest -q tests/test_e2e_llamacpp.py -x        (RPCSERVER_TEST_FROM_SOURCE=1 to serve
       from this checkout's core/ instead of the installed rpcserver; E2E_SERVER=reference
@@ -376,10 +378,18 @@ CASES = [
 MLX_ONLY_CASES = [Case("llama", "F16", False)]
 MLX_CASES = ["llama-F16-fa", "llama-F16-nofa", "qwen2-Q8_0-nofa", "gemma-Q4_K_M-fa",
              "qwen3moe-Q4_0-fa", "llama-Q6_K-nofa"]
+#: The cases also run on CUDA-host, the CUDA plugin with its kernels compiled for the host
+#: (tests/cuda_host_plugin.py): the fused attention kernel (F16 K/V), rope in normal and NeoX
+#: modes, the quantized mat-vec kernels of a legacy type and a K-quant, dequantization for
+#: prompt batches, RMS_NORM and SOFT_MAX kernels, and MUL_MAT_ID.
+CUDA_HOST_CASES = ["llama-F16-fa", "qwen2-Q8_0-nofa", "qwen3-Q4_0-fa", "gemma-Q4_K_M-fa",
+                   "qwen3moe-Q4_0-fa", "llama-Q6_K-nofa"]
 _BY_ID = {c.id: c for c in CASES + MLX_ONLY_CASES}
 #: (device, case): device None is `rpcserver serve` without -d (it serves the CPU plugin's CPU)
 DEVICE_CASES = ([pytest.param(None, c, id=f"CPU-{c.id}") for c in CASES]
-                + [pytest.param("MLX-CPU", _BY_ID[i], id=f"MLX-CPU-{i}") for i in MLX_CASES])
+                + [pytest.param("MLX-CPU", _BY_ID[i], id=f"MLX-CPU-{i}") for i in MLX_CASES]
+                + [pytest.param("CUDA-host", _BY_ID[i], id=f"CUDA-host-{i}")
+                   for i in CUDA_HOST_CASES])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -415,7 +425,12 @@ class RunningServer:
             self.proc = h.start_reference_server(self.port, threads=THREADS, log_path=log,
                                                  env={"GGML_NO_BACKTRACE": "1"})
         else:
-            self.proc = h.start_rpcserver(self.port, log_path=log, extra_args=(
+            env = None
+            if self.devices and "CUDA-host" in self.devices.split(","):
+                import cuda_host_plugin
+
+                env = cuda_host_plugin.server_env(self._base.parent / "cuda-host-shim")
+            self.proc = h.start_rpcserver(self.port, log_path=log, env=env, extra_args=(
                 ("-d", self.devices) if self.devices else ()))
         self.proxy = h.CommandCounter(self.port)
 
@@ -465,7 +480,7 @@ class ServerPool:
         key = (devices, i)
         if key not in self.started:
             if devices and SERVER_KIND == "reference":
-                pytest.skip("llama.cpp's own RPC server has no MLX devices")
+                pytest.skip(f"llama.cpp's own RPC server has no {devices} devices")
             name = (devices or "default").replace(",", "+")
             self.started[key] = RunningServer(self.directory / f"rpcserver-{name}-{i}.log", devices)
         srv = self.started[key]
@@ -620,25 +635,27 @@ def test_split_two_servers_and_cpu(models, servers, tmp_path, record_property):
     assert not bad, "\n".join(bad) + "\n" + problems
 
 
-def test_split_cpu_and_mlx_on_one_server(models, server_pool, tmp_path, record_property):
-    """ONE server serving two devices (``-d CPU,MLX-CPU``): llama.cpp sees two RPC devices
-    on one endpoint, splits the layers between them (tensor_split 1,1) and gets the CPU's
-    logits."""
+@pytest.mark.parametrize("devices, fa", [("CPU,MLX-CPU", False), ("CUDA-host,CPU", True)])
+def test_split_devices_of_one_server(devices, fa, models, server_pool, tmp_path, record_property):
+    """ONE server serving two devices (``-d CPU,MLX-CPU``; ``-d CUDA-host,CPU`` is what
+    ``-d CUDA0,CPU`` does on a GPU machine): llama.cpp sees two RPC devices on one endpoint,
+    splits the layers between them (tensor_split 1,1) and gets the CPU's logits."""
     n_layer = 4
+    label = f"split {devices.replace(',', '+')}"
     model = models.get("llama", "F16", n_layer=n_layer)
     twin = models.get_dequantized("llama", "F16", n_layer=n_layer)
-    srv = server_pool.get("CPU,MLX-CPU")
+    srv = server_pool.get(devices)
     since = srv.log_size()
     before = srv.proxy.snapshot()
-    res, tail = run_client(model, [srv.endpoint], tmp_path / "result.json", flash_attn=False,
+    res, tail = run_client(model, [srv.endpoint], tmp_path / "result.json", flash_attn=fa,
                            twin=twin, extra=["--tensor-split", "1,1"])
     srv.proxy.wait_idle()
     problems = f"--- server problems:\n{srv.problems(since)}"
     if res is None:
-        pytest.fail(f"split CPU+MLX-CPU: {tail}\n{problems}")
+        pytest.fail(f"{label}: {tail}\n{problems}")
     record_property("e2e", summary(res))
-    print(f"split CPU+MLX-CPU: {summary(res)}")
-    assert len(res["devices"]) == 2, res["devices"]  # RPC0 = CPU, RPC1 = MLX-CPU (the -d order)
+    print(f"{label}: {summary(res)}")
+    assert len(res["devices"]) == 2, res["devices"]  # RPC0, RPC1 in the -d order
     assert any(f"offloaded {n_layer + 1}/{n_layer + 1} layers" in ln for ln in res["rpc_log"]), \
         "\n".join(res["rpc_log"])
     buffers = [ln for ln in res["rpc_log"] if "model buffer size" in ln]
@@ -646,5 +663,5 @@ def test_split_cpu_and_mlx_on_one_server(models, server_pool, tmp_path, record_p
         assert any(f"{d}[{srv.endpoint}]" in ln for ln in buffers), f"no weights on {d}: {buffers}"
     # both devices compute every step: a graph each per evaluation
     assert _graphs(srv.proxy.delta(before)) >= 2 * (1 + res["n_gen"]), srv.proxy.delta(before)
-    bad = check_result(res, "split CPU+MLX-CPU")
+    bad = check_result(res, label)
     assert not bad, "\n".join(bad) + "\n" + problems
