@@ -91,7 +91,7 @@ def client(args) -> int:
 
 # ============================================================================ driver
 
-def start_server(kind: str, threads: int, log: Path):
+def start_server(kind: str, threads: int, log: Path, device: str | None = None):
     import llamacpp as h
 
     port = h.free_port()
@@ -99,7 +99,8 @@ def start_server(kind: str, threads: int, log: Path):
         proc = h.start_reference_server(port, threads=threads, log_path=log,
                                         env={"GGML_NO_BACKTRACE": "1"})
     else:
-        proc = h.start_rpcserver(port, extra_args=["-t", str(threads)], log_path=log)
+        extra = ["-t", str(threads)] + (["-d", device] if device else [])
+        proc = h.start_rpcserver(port, extra_args=extra, log_path=log)
     return proc, f"127.0.0.1:{port}"
 
 
@@ -107,7 +108,7 @@ def run_one(kind: str, args, model: Path, workdir: Path) -> dict:
     import llamacpp as h
 
     log = workdir / f"{kind}.log"
-    proc, endpoint = start_server(kind, args.threads, log)
+    proc, endpoint = start_server(kind, args.threads, log, args.device)
     try:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--client", "--endpoint", endpoint,
                "--model", str(model), "--threads", str(args.threads), "--prompt", str(args.prompt),
@@ -144,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--flash-attn", action="store_true")
+    ap.add_argument("--device", help="rpcserver's devices (`serve -d`, e.g. CUDA0); the "
+                                     "reference always serves llama.cpp's CPU device")
     ap.add_argument("--servers", default="rpcserver,reference",
                     help="comma-separated: rpcserver, reference")
     ap.add_argument("--timeout", type=float, default=1800)
@@ -167,7 +170,8 @@ def main(argv=None) -> int:
             label = (f"{args.arch} {args.ftype} (n_embd {args.embd}, n_ff {args.ff}, "
                      f"{args.layers} layers, {model.stat().st_size / 2**20:.1f} MiB)")
         print(f"model: {label}; threads {args.threads}; prompt {args.prompt}, gen {args.gen}, "
-              f"{args.reps} reps; flash_attn {'on' if args.flash_attn else 'off'}", flush=True)
+              f"{args.reps} reps; flash_attn {'on' if args.flash_attn else 'off'}; rpcserver "
+              f"device {args.device or 'default'}", flush=True)
         results = {}
         for kind in [k.strip() for k in args.servers.split(",") if k.strip()]:
             try:
