@@ -1,7 +1,8 @@
 """Shared fixtures and helpers for the protocol-level tests.
 
 * ``server``: an in-process :class:`rpcserver.server.Server` on 127.0.0.1, port 0,
-  serving the plugin-provided device named "CPU"; stopped at teardown. Its
+  serving one device, parametrized over ``SERVER_DEVICES`` (the CPU plugin's ``CPU``, and
+  ``CUDA-host``: the CUDA plugin on the host stand-in); stopped at teardown. Its
   teardown fails the test if the server logged an internal error (an
   unexpected exception in a handler) during the test.
 * ``connect``: a factory of :class:`rpcserver.client.RpcClient` connected to
@@ -147,19 +148,17 @@ def device(request):
     ggml_harness.set_device_under_test(None)
 
 
-def _cpu_device():
-    registry = discover()
-    entry = registry.find("CPU")
-    if entry is None:
-        pytest.fail(f"no device named CPU among the plugins' devices {registry.device_names()} "
-                    f"(is rpcserver-cpu installed?)")
-    return entry.device
+#: the devices the protocol-level tests (``server``) run against: the CPU plugin's, and the
+#: CUDA plugin's buffers and transfers on the host stand-in (ggml_harness.HOST_CUDA)
+SERVER_DEVICES = ("CPU", ggml_harness.HOST_CUDA)
 
 
-@pytest.fixture
-def server(caplog):
+@pytest.fixture(params=SERVER_DEVICES)
+def server(request, caplog):
     caplog.set_level(logging.INFO, logger="rpcserver")
-    srv = Server([_cpu_device()], host="127.0.0.1", port=0).start()
+    dev = ggml_harness.device_named(request.param)
+    srv = Server([dev], host="127.0.0.1", port=0).start()
+    srv.device_name = request.param
     yield srv
     srv.stop()
     bad = internal_errors(caplog, "call")

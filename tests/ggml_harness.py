@@ -493,6 +493,8 @@ DEVICE_PROVIDERS = {
 #: kernels compiled for the host (tests/cuda_standin.py), so that the CUDA code paths pass the
 #: same suites without a GPU
 HOST_CUDA = "CUDA-host"
+#: the memory CUDA-host reports (its buffers are host memory, allocated when asked for)
+HOST_CUDA_CAPACITY = 64 << 30
 _DEVICES: dict = {}
 _REGISTRY = None
 _ACTIVE = None
@@ -509,7 +511,7 @@ def device_named(name: str):
     if dev is None and name == HOST_CUDA:
         import cuda_standin
 
-        dev = _DEVICES[name] = cuda_standin.fake_device(capacity=64 << 30)
+        dev = _DEVICES[name] = cuda_standin.fake_device(capacity=HOST_CUDA_CAPACITY)
     if dev is None:
         if _REGISTRY is None:
             from rpcserver.plugins import discover

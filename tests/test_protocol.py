@@ -13,6 +13,8 @@ import numpy as np
 import psutil
 import pytest
 
+import ggml_harness
+
 from conftest import expect_closed, wait_until
 from rpcserver import ggml
 from rpcserver.ggml import GGMLType, Op
@@ -102,10 +104,14 @@ def test_alloc_impossible_size_answers_null_and_keeps_the_connection(server, con
                for r in caplog.get_records("call")), "the refused allocation should be logged"
 
 
-def test_get_alignment_is_32(connect):
+#: what ggml's buffer types report: the CPU's TENSOR_ALIGNMENT, the CUDA buffer type's 128
+ALIGNMENT = {"CPU": 32, "CUDA-host": 128}
+
+
+def test_get_alignment(server, connect):
     c = connect()
     c.send_frame(Command.GET_ALIGNMENT, struct.pack("<I", 0))
-    assert c.recv_reply(8) == struct.pack("<Q", 32)
+    assert c.recv_reply(8) == struct.pack("<Q", ALIGNMENT[server.device_name])
 
 
 def test_get_max_size(server, connect):
@@ -253,12 +259,18 @@ def test_copy_tensor(connect):
     assert c.get_tensor(dst2, 0, 256) == values.tobytes()
 
 
-def test_get_device_memory(connect):
+def test_get_device_memory(server, connect):
     c = connect()
     c.send_frame(Command.GET_DEVICE_MEMORY, struct.pack("<I", 0))
     free, total = struct.unpack("<QQ", c.recv_reply(16))
     assert total >= free > 0
-    assert total == psutil.virtual_memory().total
+    if server.device_name == "CPU":
+        assert total == psutil.virtual_memory().total
+    else:  # the stand-in's cudaMemGetInfo: its capacity, less what is allocated
+        assert total == ggml_harness.HOST_CUDA_CAPACITY
+        handle, _ = c.alloc_buffer(0, 1 << 20)
+        assert c.get_device_memory(0) == (free - (1 << 20), total)
+        c.free_buffer(handle)
 
 
 def test_init_tensor_sends_no_reply(server, connect):
@@ -273,7 +285,7 @@ def test_init_tensor_sends_no_reply(server, connect):
     assert c.device_count() == 1  # and the connection is in sync
     c.init_tensor(make_tensor(id=6, type=F32, ne=(64,)))  # no buffer: ignored, like the reference
     c.init_tensor(t)
-    assert c.get_alignment(0) == 32
+    assert c.get_alignment(0) == ALIGNMENT[server.device_name]
     assert server.stats.commands["INIT_TENSOR"] == 3
 
 
