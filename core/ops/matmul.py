@@ -13,17 +13,27 @@ from . import op
 
 
 def matmul_broadcast(xp, a, b):
-    """a: (A3, A2, M, K), b: (B3, B2, N, K) -> (B3, B2, N, M)."""
+    """a: (A3, A2, M, K), b: (B3, B2, N, K) -> (B3, B2, N, M).
+
+    Batch (i3, i2) of ``b`` uses batch (i3 // r3, i2 // r2) of ``a``. Rather than repeating
+    ``a`` (for grouped-query attention that copies the whole K/V cache per head), the rows of
+    the ``r3 * r2`` batches of ``b`` that share one batch of ``a`` are stacked and multiplied
+    in one product.
+    """
     if a.shape[0] == 1 and a.shape[1] == 1:
         k = a.shape[-1]
         out = b.reshape(-1, k) @ a[0, 0].T
         return out.reshape(b.shape[:3] + (a.shape[2],))
-    r3, r2 = b.shape[0] // a.shape[0], b.shape[1] // a.shape[1]
-    if r2 > 1:
-        a = xp.repeat(a, r2, axis=1)
-    if r3 > 1:
-        a = xp.repeat(a, r3, axis=0)
-    return xp.matmul(b, xp.swapaxes(a, -1, -2))
+    a3, a2, m, k = a.shape
+    b3, b2, n, _ = b.shape
+    r3, r2 = b3 // a3, b2 // a2
+    if r3 == 1 and r2 == 1:
+        return xp.matmul(b, xp.swapaxes(a, -1, -2))
+    # (A3, r3, A2, r2, N, K) -> (A3, A2, r3, r2, N, K): the batches sharing a[i3, i2] together
+    g = xp.swapaxes(b.reshape(a3, r3, a2, r2, n, k), 1, 2).reshape(a3, a2, r3 * r2 * n, k)
+    out = xp.matmul(g, xp.swapaxes(a, -1, -2))  # (A3, A2, r3*r2*N, M)
+    out = xp.swapaxes(out.reshape(a3, a2, r3, r2, n, m), 1, 2)
+    return out.reshape(b3, b2, n, m)
 
 
 @op(Op.MUL_MAT)
