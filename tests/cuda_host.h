@@ -128,7 +128,10 @@ inline int launch(dim3 grid, dim3 block, void (*body)(void *), void *arg) {
     }
     const int n_warps = (int)((n_threads + 31) / 32);
     std::vector<Fiber> fibers(n_threads);
-    for (auto &f : fibers) f.stack = (char *)malloc(kStackBytes);  // untouched pages cost nothing
+    // stacks are kept from launch to launch (untouched pages cost nothing)
+    static std::vector<char *> stacks;
+    while (stacks.size() < n_threads) stacks.push_back((char *)malloc(kStackBytes));
+    for (unsigned long long t = 0; t < n_threads; ++t) fibers[t].stack = stacks[t];
     g_warp_barriers.assign(n_warps, Barrier{});
     g_warp_slots.assign((size_t)n_warps * 64, 0);
     g_body = body;
@@ -187,7 +190,6 @@ inline int launch(dim3 grid, dim3 block, void (*body)(void *), void *arg) {
             }
         }
     }
-    for (auto &f : fibers) free(f.stack);
     g_current = nullptr;
     return status;
 }

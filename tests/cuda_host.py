@@ -127,7 +127,8 @@ class HostModule:
     def __init__(self, source: str):
         self.signatures = kernel_signatures(source)
         full = source + _ARG_CAST + _launchers(self.signatures)
-        key = hashlib.sha256(HEADER.read_bytes() + full.encode()).hexdigest()[:24]
+        flags = " ".join(_sanitize_flags()).encode()
+        key = hashlib.sha256(HEADER.read_bytes() + flags + full.encode()).hexdigest()[:24]
         lib_path = _CACHE / f"{key}.so"
         with _lock:
             if not lib_path.exists():
@@ -143,6 +144,15 @@ class HostModule:
         return self._kernels[name]
 
 
+def asan_active() -> bool:
+    """Whether this process runs under AddressSanitizer (libasan preloaded, see test_cuda_host)."""
+    return "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
+def _sanitize_flags() -> list[str]:
+    return ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan_active() else []
+
+
 def _build(source: str, lib_path: Path) -> None:
     cxx = compiler()
     if cxx is None:
@@ -152,8 +162,8 @@ def _build(source: str, lib_path: Path) -> None:
     src.write_text(source)
     tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
     cmd = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-U_FORTIFY_SOURCE",
-           "-D_FORTIFY_SOURCE=0", "-fno-strict-aliasing", "-w", "-include", str(HEADER),
-           "-x", "c++", str(src), "-o", str(tmp)]
+           "-D_FORTIFY_SOURCE=0", "-fno-strict-aliasing", "-w", *_sanitize_flags(),
+           "-include", str(HEADER), "-x", "c++", str(src), "-o", str(tmp)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if res.returncode:
         raise RuntimeError(f"g++ could not build the kernels for the host:\n{res.stderr[-6000:]}")

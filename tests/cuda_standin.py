@@ -72,9 +72,15 @@ class _Memory:
         self.size, self.fake = 0, fake
         if fake.allocated + size > fake.capacity:
             raise fake.cuda.memory.OutOfMemoryError(size, fake.capacity - fake.allocated)
-        raw = np.empty(size + 256, np.uint8)
-        start = (-raw.ctypes.data) % 256
-        self.bytes = raw[start:start + size]
+        if cuda_host.asan_active():
+            # exactly `size` bytes, so AddressSanitizer's red zone starts where the buffer ends
+            # and a kernel reading one byte past it is reported (malloc's 16-byte alignment is
+            # enough for the kernels)
+            self.bytes = np.empty(size, np.uint8)
+        else:
+            raw = np.empty(size + 256, np.uint8)  # cudaMalloc's 256-byte alignment
+            start = (-raw.ctypes.data) % 256
+            self.bytes = raw[start:start + size]
         self.ptr = self.bytes.ctypes.data
         self.size, self.fake = size, fake
         fake.allocated += size

@@ -6,10 +6,17 @@ suspect, so each primitive is checked here against values worked out by hand.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import cuda_host
+
+HERE = Path(__file__).resolve().parent
 
 pytestmark = pytest.mark.skipif(cuda_host.compiler() is None, reason="no C++ compiler (g++)")
 
@@ -179,3 +186,60 @@ extern "C" __global__ void convert(const unsigned short * h, float * f, const fl
     with np.errstate(over="ignore"):  # the values past 65504 round to inf, as intended
         expect = xs.astype(np.float16).view(np.uint16)
     np.testing.assert_array_equal(y, expect)
+
+
+# -- memory safety ---------------------------------------------------------------------------
+
+def _libasan():
+    compiler = cuda_host.compiler()
+    path = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True,
+                          text=True).stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+def _under_asan(args, timeout):
+    lib = _libasan()
+    if lib is None:
+        pytest.skip("the C++ compiler has no AddressSanitizer runtime (libasan.so)")
+    env = dict(os.environ, LD_PRELOAD=lib, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0",
+               PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=str(HERE.parent))
+
+
+OUT_OF_BOUNDS = r"""
+import sys
+sys.path.insert(0, "tests")
+import numpy as np
+import cuda_host
+m = cuda_host.HostModule('''
+extern "C" __global__ void one_past(const float * x, float * y, const int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = x[i + 1];
+}''')
+x, y = np.zeros(1000, np.float32), np.zeros(1000, np.float32)
+m.get_function("one_past")((32,), (32,), (x, y, np.int32(1000)))
+"""
+
+
+def test_asan_reports_a_kernel_reading_past_its_array():
+    """The check below can fail: a kernel reading one float past its input is reported."""
+    res = _under_asan(["-c", OUT_OF_BOUNDS], timeout=300)
+    assert res.returncode != 0 and "heap-buffer-overflow" in res.stderr, res.stderr[-3000:]
+
+
+def test_kernels_stay_inside_buffers_under_asan():
+    """Every kernel test on the stand-in, and the hostile-input suite against CUDA-host, in a
+    process running under AddressSanitizer: on a GPU an out-of-bounds read would be an illegal
+    address that takes the CUDA context, and every client, down with it. Here the kernels read
+    buffers allocated to their exact size, so one byte too far is reported."""
+    # (the 64-query attention cases take the same code paths as the 7-query ones, at 5 s each
+    # under ASan, whose longjmp interceptor makes system calls at every fiber switch)
+    res = _under_asan(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                       "tests/test_cuda_rope.py", "tests/test_cuda_flash_attn.py",
+                       "tests/test_cuda_plugin.py", "tests/test_hostile.py",
+                       "-k", "(numpy-cupy or CUDA-host) and not batch64"], timeout=1500)
+    report = res.stdout[-4000:] + res.stderr[-6000:]
+    assert "AddressSanitizer" not in report, report
+    assert res.returncode == 0, report
+    assert " passed" in res.stdout and " failed" not in res.stdout, report
