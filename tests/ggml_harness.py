@@ -568,6 +568,7 @@ def run_ours(device, graph_ptr: int, snapshot: bytes, outputs, *, native: bool =
     for an unimplemented op, a validation failure or an executor error).
     """
     from rpcserver.buffers import AddressSpace, BufferTable, SessionBuffer
+    from rpcserver.executor import forget_buffer
     from rpcserver.graph import parse_graph
     from rpcserver.protocol import pack_graph
 
@@ -588,6 +589,7 @@ def run_ours(device, graph_ptr: int, snapshot: bytes, outputs, *, native: bool =
         device.graph_compute(graph)
         image = bytes(buffer.read(0, size))
     finally:
+        forget_buffer(buffer)  # what a session does before freeing: drop its cached conversions
         buffer.free()
         _RETIRED.append(buffer)
     by_id = {r.id: r for r in tensors}
