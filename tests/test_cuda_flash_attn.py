@@ -34,8 +34,8 @@ from cuda_standin import cuda, launches  # noqa: F401 (fixture)
 from ggml_harness import (BF16, F16, F32, IQ4_NL, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q8_0, GgmlCase,
                           assert_close)
 from rpcserver_cuda import attention_kernel as fa
-from test_ops_attention import (MASKED_COLS, _fa_case, _flash_attn_ext, _kq_mask,
-                                _kv_with_garbage)
+from test_ops_attention import (FLASH_ATTN_CASES, MASKED_COLS, _fa_case, _flash_attn_ext,
+                                _kq_mask, _kv_with_garbage)
 
 #: kernel vs the shared implementation (measured <= 7.3e-14)
 VS_SHARED = 1e-12
@@ -112,17 +112,12 @@ def test_kv_types(cuda, tk, tv, n_q):
     _run(cuda, tk=tk, tv=tv, n_q=n_q, n_kv=128)
 
 
-@pytest.mark.parametrize("tk", [F16, Q8_0], ids=["f16", "q8_0"])
-@pytest.mark.parametrize("n_q", [1, 9], ids=["decode", "batch9"])
-def test_gqa(cuda, tk, n_q):
-    """8 query heads on 2 K/V heads: a block's 4 rows are the heads of one group (decode)."""
-    _run(cuda, n_head=8, n_head_kv=2, tk=tk, n_q=n_q, n_kv=80)
-
-
-@pytest.mark.parametrize("n_head,n_head_kv,n_head_v", [(8, 4, 2), (8, 1, 4), (12, 4, 6)])
-def test_k_and_v_head_counts_differ(cuda, n_head, n_head_kv, n_head_v):
-    """K and V heads broadcast independently; rows share a block only if they share both."""
-    _run(cuda, n_head=n_head, n_head_kv=n_head_kv, n_head_v=n_head_v, n_q=3, n_kv=40, tk=F32)
+@pytest.mark.parametrize("name", list(FLASH_ATTN_CASES))
+def test_option_cases(cuda, name):
+    """The conformance suite's FLASH_ATTN_EXT matrix (GQA, K and V head counts, DK != DV,
+    softcap, ALiBi, sinks, no mask, padded and broadcast masks, llama.cpp's layout, permuted
+    K/V), each through the kernel."""
+    _run(cuda, **FLASH_ATTN_CASES[name])
 
 
 @pytest.mark.parametrize("hsk,hsv,tk", [(96, 64, F16), (192, 128, F16), (192, 128, F32),
@@ -137,59 +132,6 @@ def test_head_sizes(cuda, hsk, hsv, tk):
     if _stand_in(cuda):
         size = min(s for s in fa.MAIN_KERNELS if s >= max(hsk, hsv))
         assert launches(cuda, fa.MAIN_KERNELS[size]) == 1
-
-
-@pytest.mark.parametrize("tk", [F16, F32, Q8_0], ids=["f16", "f32", "q8_0"])
-@pytest.mark.parametrize("n_q", [3, 64], ids=["batch3", "batch64"])
-def test_softcap(cuda, tk, n_q):
-    _run(cuda, softcap=30.0, tk=tk, n_q=n_q, n_kv=96)
-
-
-@pytest.mark.parametrize("n_head", [4, 6], ids=lambda h: f"heads{h}")
-@pytest.mark.parametrize("n_q", [2, 64], ids=["batch2", "batch64"])
-def test_alibi(cuda, n_head, n_q):
-    """max_bias > 0: per-head slopes (6 heads: the m1 branch too)."""
-    _run(cuda, max_bias=8.0, n_head=n_head, n_q=n_q, n_kv=80, tk=F32)
-
-
-@pytest.mark.parametrize("tk", [F16, F32], ids=["f16", "f32"])
-@pytest.mark.parametrize("n_q", [1, 5, 64], ids=["decode", "batch5", "batch64"])
-def test_sinks(cuda, tk, n_q):
-    _run(cuda, sinks=True, tk=tk, n_q=n_q, n_kv=96, n_head=4)
-
-
-def test_everything_at_once(cuda):
-    _run(cuda, sinks=True, softcap=20.0, max_bias=4.0, n_head=6, n_head_kv=3, n_q=5, n_kv=64,
-         tk=F32, tv=F16)
-
-
-def test_no_mask(cuda):
-    _run(cuda, mask=False, n_q=4, n_kv=50, tk=F32)
-    _run(cuda, mask=False, n_q=1, n_kv=50, tk=Q8_0)
-
-
-def test_padded_mask_rows(cuda):
-    """llama.cpp pads the mask's rows; only the first n_q count."""
-    _run(cuda, n_q=3, n_kv=64, mask_pad=13, tk=F32)
-
-
-@pytest.mark.parametrize("mask_heads,mask_batch", [(1, 1), (2, 1), (4, 2)])
-def test_batch_and_mask_broadcast(cuda, mask_heads, mask_batch):
-    """Two batches; the mask repeats over heads and batches (modulo)."""
-    _run(cuda, n_batch=2, n_head=4, n_head_kv=2, mask_heads=mask_heads, mask_batch=mask_batch,
-         n_q=3, n_kv=48, tk=F32)
-
-
-@pytest.mark.parametrize("tk", [F16, Q8_0], ids=["f16", "q8_0"])
-@pytest.mark.parametrize("n_q", [1, 6], ids=["decode", "batch6"])
-def test_llama_cpp_layout(cuda, tk, n_q):
-    """Q permuted from [hs, n_head, n_q]; K/V permuted views of 2-D caches: read in place."""
-    _run(cuda, llama_layout=True, n_head=8, n_head_kv=4, tk=tk, n_q=n_q, n_kv=96)
-
-
-def test_permuted_kv(cuda):
-    _run(cuda, permute=True, n_q=5, n_kv=40, tk=F16)
-    _run(cuda, permute=True, n_q=5, n_kv=40, tk=F32, tv=Q8_0)
 
 
 # -- the split-key mode ------------------------------------------------------------------------

@@ -467,16 +467,67 @@ def test_flash_attn_other_k_types(device, tk, max_nmse):
     _fa_case(device, hsk=256, hsv=64, tk=tk, tv=F32, n_q=3, n_kv=40, n_head=2, max_nmse=max_nmse)
 
 
-@pytest.mark.parametrize("tk", [F16, F32, Q8_0], ids=["f16", "f32", "q8_0"])
-@pytest.mark.parametrize("n_q", [1, 9], ids=["decode", "batch9"])
-def test_flash_attn_gqa(device, tk, n_q):
-    _fa_case(device, n_head=8, n_head_kv=2, tk=tk, n_q=n_q, n_kv=80)
+def _batch(n_q: int) -> str:
+    return "decode" if n_q == 1 else f"batch{n_q}"
 
 
-@pytest.mark.parametrize("n_head_kv,n_head_v", [(4, 2), (1, 4)])
-def test_flash_attn_k_and_v_head_counts_differ(device, n_head_kv, n_head_v):
-    """ggml broadcasts K and V heads independently (h // (H/Hk) and h // (H/Hv))."""
-    _fa_case(device, n_head=8, n_head_kv=n_head_kv, n_head_v=n_head_v, n_q=3, n_kv=40, tk=F32)
+def _flash_attn_cases() -> dict[str, dict]:
+    """FLASH_ATTN_EXT's option matrix, as ``_fa_case`` arguments by name. Every device runs it
+    (test_flash_attn_case), and the CUDA plugin's fused kernel runs it too
+    (tests/test_cuda_flash_attn.py), so a case added here reaches both."""
+    t = {F16: "f16", F32: "f32", Q8_0: "q8_0"}
+    cases = {}
+    for tk in (F16, F32, Q8_0):
+        for n_q in (1, 9):  # 8 query heads on 2 K/V heads
+            cases[f"gqa-{t[tk]}-{_batch(n_q)}"] = dict(n_head=8, n_head_kv=2, tk=tk, n_q=n_q,
+                                                       n_kv=80)
+    # ggml broadcasts K and V heads independently (h // (H/Hk) and h // (H/Hv))
+    for n_head, n_head_kv, n_head_v in ((8, 4, 2), (8, 1, 4), (12, 4, 6)):
+        cases[f"heads-{n_head}-k{n_head_kv}-v{n_head_v}"] = dict(
+            n_head=n_head, n_head_kv=n_head_kv, n_head_v=n_head_v, n_q=3, n_kv=40, tk=F32)
+    # MLA-like: K heads longer than V heads (dst rows are DV long)
+    for tk in (F16, F32):
+        cases[f"dk96-dv64-{t[tk]}"] = dict(hsk=96, hsv=64, tk=tk, n_q=5, n_kv=70)
+    cases["dk128-dv64-q8_0"] = dict(hsk=128, hsv=64, tk=Q8_0, n_q=3, n_kv=64, n_head=2)
+    for tk in (F16, F32, Q8_0):
+        for n_q in (3, 64):
+            cases[f"softcap-{t[tk]}-{_batch(n_q)}"] = dict(softcap=30.0, tk=tk, n_q=n_q, n_kv=96)
+    for n_head in (4, 6):  # 6 heads: ALiBi's m1 branch too
+        for n_q in (2, 64):
+            cases[f"alibi-heads{n_head}-{_batch(n_q)}"] = dict(max_bias=8.0, n_head=n_head,
+                                                               n_q=n_q, n_kv=80, tk=F32)
+    for tk in (F16, F32):
+        for n_q in (1, 5, 64):
+            cases[f"sinks-{t[tk]}-{_batch(n_q)}"] = dict(sinks=True, tk=tk, n_q=n_q, n_kv=96,
+                                                         n_head=4)
+    for tv in (F32, F16):
+        cases[f"everything-v{t[tv]}"] = dict(sinks=True, softcap=20.0, max_bias=4.0, n_head=6,
+                                             n_head_kv=3, n_q=5, n_kv=64, tk=F32, tv=tv)
+    for tk, n_q in ((F32, 4), (F16, 4), (Q8_0, 1)):
+        cases[f"no-mask-{t[tk]}-{_batch(n_q)}"] = dict(mask=False, n_q=n_q, n_kv=50, tk=tk)
+    # llama.cpp pads the mask's rows (GGML_KQ_MASK_PAD); only the first n_q rows count
+    cases["padded-mask-rows"] = dict(n_q=3, n_kv=64, mask_pad=13, tk=F32)
+    # two batches; the mask repeats over heads and batches (modulo)
+    for mask_heads, mask_batch in ((1, 1), (2, 1), (4, 2)):
+        cases[f"mask-heads{mask_heads}-batch{mask_batch}"] = dict(
+            n_batch=2, n_head=4, n_head_kv=2, mask_heads=mask_heads, mask_batch=mask_batch,
+            n_q=3, n_kv=48, tk=F32)
+    # Q permuted from [hs, n_head, n_q]; K/V permuted views of 2-D caches (llama.cpp's graph)
+    for tk in (F16, Q8_0):
+        for n_q in (1, 6):
+            cases[f"llama-layout-{t[tk]}-{_batch(n_q)}"] = dict(
+                llama_layout=True, n_head=8, n_head_kv=4, tk=tk, n_q=n_q, n_kv=96)
+    for tk, tv in ((F16, F16), (F32, F32), (F32, Q8_0)):
+        cases[f"permuted-kv-{t[tk]}-{t[tv]}"] = dict(permute=True, n_q=5, n_kv=40, tk=tk, tv=tv)
+    return cases
+
+
+FLASH_ATTN_CASES = _flash_attn_cases()
+
+
+@pytest.mark.parametrize("name", list(FLASH_ATTN_CASES))
+def test_flash_attn_case(device, name):
+    _fa_case(device, **FLASH_ATTN_CASES[name])
 
 
 def test_flash_attn_row_chunks(device, monkeypatch):
@@ -487,67 +538,6 @@ def test_flash_attn_row_chunks(device, monkeypatch):
     _fa_case(device, n_q=23, n_kv=48, n_head=4, n_batch=2, tk=F32, sinks=True, max_bias=2.0,
              mask_heads=2)
     _fa_case(device, n_q=70, n_kv=48, n_head=4, tk=F16)
-
-
-@pytest.mark.parametrize("tk", [F16, F32], ids=["f16", "f32"])
-def test_flash_attn_dk_ne_dv(device, tk):
-    """MLA-like: K heads of 96, V heads of 64 (dst rows are DV long)."""
-    _fa_case(device, hsk=96, hsv=64, tk=tk, n_q=5, n_kv=70)
-
-
-def test_flash_attn_dk_ne_dv_quantized(device):
-    _fa_case(device, hsk=128, hsv=64, tk=Q8_0, n_q=3, n_kv=64, n_head=2)
-
-
-@pytest.mark.parametrize("tk", [F16, F32, Q8_0], ids=["f16", "f32", "q8_0"])
-@pytest.mark.parametrize("n_q", [3, 64], ids=["batch3", "batch64"])
-def test_flash_attn_softcap(device, tk, n_q):
-    _fa_case(device, softcap=30.0, tk=tk, n_q=n_q, n_kv=96)
-
-
-@pytest.mark.parametrize("n_head", [4, 6], ids=lambda h: f"heads{h}")
-@pytest.mark.parametrize("n_q", [2, 64], ids=["batch2", "batch64"])
-def test_flash_attn_alibi(device, n_head, n_q):
-    _fa_case(device, max_bias=8.0, n_head=n_head, n_q=n_q, n_kv=80, tk=F32)
-
-
-@pytest.mark.parametrize("tk", [F16, F32], ids=["f16", "f32"])
-@pytest.mark.parametrize("n_q", [1, 5, 64], ids=["decode", "batch5", "batch64"])
-def test_flash_attn_sinks(device, tk, n_q):
-    _fa_case(device, sinks=True, tk=tk, n_q=n_q, n_kv=96, n_head=4)
-
-
-def test_flash_attn_everything_at_once(device):
-    _fa_case(device, sinks=True, softcap=20.0, max_bias=4.0, n_head=6, n_head_kv=3, n_q=5,
-             n_kv=64, tk=F32)
-
-
-def test_flash_attn_no_mask(device):
-    _fa_case(device, mask=False, n_q=4, n_kv=50, tk=F32)
-    _fa_case(device, mask=False, n_q=4, n_kv=50, tk=F16)
-
-
-def test_flash_attn_padded_mask_rows(device):
-    """llama.cpp pads the mask's rows (GGML_KQ_MASK_PAD); only the first n_q rows count."""
-    _fa_case(device, n_q=3, n_kv=64, mask_pad=13, tk=F32)
-
-
-@pytest.mark.parametrize("mask_heads,mask_batch", [(1, 1), (2, 1), (4, 2)])
-def test_flash_attn_batch_and_mask_broadcast(device, mask_heads, mask_batch):
-    _fa_case(device, n_batch=2, n_head=4, n_head_kv=2, mask_heads=mask_heads,
-             mask_batch=mask_batch, n_q=3, n_kv=48, tk=F32)
-
-
-@pytest.mark.parametrize("tk", [F16, Q8_0], ids=["f16", "q8_0"])
-@pytest.mark.parametrize("n_q", [1, 6], ids=["decode", "batch6"])
-def test_flash_attn_llama_cpp_layout(device, tk, n_q):
-    """Q permuted from [hs, n_head, n_q]; K/V permuted views of 2-D caches (llama.cpp's graph)."""
-    _fa_case(device, llama_layout=True, n_head=8, n_head_kv=4, tk=tk, n_q=n_q, n_kv=96)
-
-
-def test_flash_attn_permuted_kv(device):
-    _fa_case(device, permute=True, n_q=5, n_kv=40, tk=F16)
-    _fa_case(device, permute=True, n_q=5, n_kv=40, tk=F32)
 
 
 @pytest.mark.parametrize("tk", [F16, F32], ids=["f16", "f32"])
