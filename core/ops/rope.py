@@ -129,6 +129,27 @@ def _pair_sources(mode: int, n_pairs: int, sections) -> tuple[list[int], list[in
     return streams, powers
 
 
+def rope_constants(n_dims: int, n_ctx_orig: int, freq_base: float, freq_scale: float,
+                   ext_factor: float, attn_factor: float, beta_fast: float, beta_slow: float):
+    """(theta_scale, corr_low, corr_span, mscale) as float32, rounded as ggml does.
+
+    ``theta_scale = freq_base^(-2/n_dims)``; with YaRN (``ext_factor != 0``) the ramp runs
+    from ``corr_low`` over ``corr_span = max(0.001, high - low)`` pairs and ``mscale`` is
+    ``attn_factor * (1 + 0.1*ln(1/freq_scale))``; without, the correction dims are zeros
+    (unused) and ``mscale`` is ``attn_factor``.
+    """
+    with np.errstate(all="ignore"):
+        theta_scale = _f32(_f32(freq_base) ** (_f32(-2.0) / _f32(n_dims)))
+        mscale = _f32(attn_factor)
+        corr_low = corr_span = _f32(0)
+        if ext_factor != 0.0:
+            corr_low, high = yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow)
+            corr_span = _f32(_fmax(_f32(0.001), _f32(high - corr_low)))
+            log_inv = _logf(_f32(1) / _f32(freq_scale))
+            mscale = _f32(mscale * _fma(np, _f32(0.1), log_inv, _f32(1)))
+    return theta_scale, _f32(corr_low), corr_span, mscale
+
+
 def rope_cos_sin(xp, positions, n_pairs: int, *, mode: int, n_dims: int, sections, n_ctx_orig: int,
                  freq_base: float, freq_scale: float, ext_factor: float, attn_factor: float,
                  beta_fast: float, beta_slow: float, freq_factors=None, sin_sign: float = 1.0):
@@ -137,7 +158,8 @@ def rope_cos_sin(xp, positions, n_pairs: int, *, mode: int, n_dims: int, section
     ``positions``: int array (n_streams, n_tokens) -- one stream for the plain
     modes, four for the multi-section ones.
     """
-    theta_scale = _f32(freq_base) ** (_f32(-2.0) / _f32(n_dims))
+    theta_scale, low, span, mscale = rope_constants(
+        n_dims, n_ctx_orig, freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow)
     streams, powers = _pair_sources(mode, n_pairs, sections)
     n_streams, n_tok = positions.shape
     pos = xp.asarray(positions).astype(xp.float32).T  # (n_tok, n_streams)
@@ -151,16 +173,12 @@ def rope_cos_sin(xp, positions, n_pairs: int, *, mode: int, n_dims: int, section
         theta = theta / freq_factors[:n_pairs].astype(xp.float32)
 
     theta_interp = theta * _f32(freq_scale)
-    mscale = _f32(attn_factor)
     if ext_factor != 0.0:
-        low, high = yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow)
         with np.errstate(all="ignore"):
-            y = (np.arange(n_pairs, dtype=np.float32) - low) / _fmax(_f32(0.001), _f32(high - low))
+            y = (np.arange(n_pairs, dtype=np.float32) - low) / span
             y = np.where(_f32(0) > y, _f32(0), y)
             y = np.where(_f32(1) < y, _f32(1), y)
             ramp_mix = ((_f32(1) - y) * _f32(ext_factor)).astype(np.float32)
-            log_inv = _logf(_f32(1) / _f32(freq_scale))
-            mscale = _f32(mscale * _fma(np, _f32(0.1), log_inv, _f32(1)))
         ramp_mix = xp.asarray(ramp_mix)
         theta = _fma(xp, theta_interp, 1 - ramp_mix, theta * ramp_mix)
     else:

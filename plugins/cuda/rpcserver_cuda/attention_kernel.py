@@ -410,7 +410,7 @@ def flash_attn_source() -> str:
         funcs += [x for x in f if x not in funcs]
     parts = [PRELUDE,
              f"#define RPC_FA_WARPS {WARPS}\n#define RPC_FA_ROWS {ROWS}\n",
-             kernels._tables_source(tables)]
+             kernels.tables_source(tables)]
     parts += [FUNCTIONS[f][0] for f in funcs]
     parts += [emit_device_function(QUANT_SPECS[n].element_function, QUANT_SPECS[n].element)
               for n in _KV_QUANT]

@@ -295,7 +295,8 @@ __device__ __forceinline__ float rpc_warp_max(float v) {
 """
 
 
-def _tables_source(tables) -> str:
+def tables_source(tables) -> str:
+    """``__constant__`` definitions of the lookup tables a generated expression uses."""
     out = []
     for name, values in sorted(tables.items()):
         out.append(f"__constant__ signed char {name}[{len(values)}] = {{"
@@ -307,7 +308,7 @@ def quant_source(spec: QuantSpec) -> str:
     """The CUDA module for one block type: element function, dequantize and mul_mat_vec kernels."""
     tables, funcs = collect(spec.element)
     qk, ts = spec.block_size, spec.type_size
-    parts = [PRELUDE, _tables_source(tables)]
+    parts = [PRELUDE, tables_source(tables)]
     parts += [FUNCTIONS[f][0] for f in funcs]
     parts.append(emit_device_function(spec.element_function, spec.element))
     parts.append(f"""

@@ -16,7 +16,7 @@ parameters), with the shared code's float32 rounding: for pair ``k`` of token ``
 * ``y0 = fmaf(x0, cos, -(x1*sin))`` and ``y1 = fmaf(x0, sin, x1*cos)``.
 
 Host-side constants (``theta_scale``, the YaRN correction dims, ``mscale``) come
-from the launcher, computed with NumPy float32 exactly as the shared code does.
+from the launcher: the shared code's own ``rope_constants``.
 
 Launch geometry: a 1-D grid of ``ne2 * n_groups`` blocks. Block ``b`` serves
 token ``b % ne2`` and the rows ``(i1, i3)`` numbered ``b / ne2``, ``+ n_groups``,
@@ -191,27 +191,6 @@ def rope_source() -> str:
                              "rpc_f2h({v})"))
 
 
-def _host_constants(n_dims: int, n_ctx_orig: int, freq_base: float, freq_scale: float,
-                    ext_factor: float, attn_factor: float, beta_fast: float, beta_slow: float):
-    """(theta_scale, corr_low, corr_span, mscale) as float32, rounded as the shared code does.
-
-    ``corr_span`` is the ramp's denominator ``max(0.001, high - low)``; without YaRN the
-    correction dims are not used (zeros).
-    """
-    f32 = np.float32
-    with np.errstate(all="ignore"):
-        theta_scale = f32(f32(freq_base) ** (f32(-2.0) / f32(n_dims)))
-        mscale = f32(attn_factor)
-        corr_low = corr_span = f32(0)
-        if ext_factor != 0.0:
-            corr_low, high = shared_rope.yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast,
-                                                        beta_slow)
-            corr_span = f32(shared_rope._fmax(f32(0.001), f32(high - corr_low)))
-            log_inv = shared_rope._logf(f32(1) / f32(freq_scale))
-            mscale = f32(mscale * shared_rope._fma(np, f32(0.1), log_inv, f32(1)))
-    return theta_scale, f32(corr_low), corr_span, mscale
-
-
 def _rows_ok(tv, size: int) -> bool:
     return (tv is not None and tv.buffer is not None and tv.nb[0] == size
             and all(0 <= n <= _MAX_DIM for n in tv.ne))
@@ -268,7 +247,7 @@ def rope(ctx) -> bool:
     kern = ops._get_kernel(ctx, "rope", MODULE, ROPE_KERNELS[type_name])
     if kern is None:
         return False
-    theta_scale, corr_low, corr_span, mscale = _host_constants(
+    theta_scale, corr_low, corr_span, mscale = shared_rope.rope_constants(
         n_dims, n_ctx_orig, freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow)
 
     dst.buffer.graph_written = True
