@@ -65,13 +65,22 @@ _f32 = np.float32
 SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
+def alibi_params(n_head: int, max_bias: float):
+    """(m0, m1, n_head_log2) as ggml derives the ALiBi slopes from max_bias (float32);
+    (1, 1, 1) when there are no slopes (max_bias <= 0)."""
+    if not max_bias > 0.0 or n_head <= 0:
+        return _f32(1.0), _f32(1.0), 1
+    n_head_log2 = 1 << int(math.floor(math.log2(n_head)))
+    m0 = _f32(2.0) ** (-_f32(max_bias) / _f32(n_head_log2))
+    m1 = _f32(2.0) ** (-(_f32(max_bias) / _f32(2.0)) / _f32(n_head_log2))
+    return _f32(m0), _f32(m1), n_head_log2
+
+
 def alibi_slopes(n_head: int, max_bias: float):
     """Per-head ALiBi slopes as ggml computes them (float32), or None when max_bias <= 0."""
     if not max_bias > 0.0:
         return None
-    n_head_log2 = 1 << int(math.floor(math.log2(n_head)))
-    m0 = _f32(2.0) ** (-_f32(max_bias) / _f32(n_head_log2))
-    m1 = _f32(2.0) ** (-(_f32(max_bias) / _f32(2.0)) / _f32(n_head_log2))
+    m0, m1, n_head_log2 = alibi_params(n_head, max_bias)
     h = np.arange(n_head)
     return np.where(h < n_head_log2,
                     m0 ** (h + 1).astype(np.float32),

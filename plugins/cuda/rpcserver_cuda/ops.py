@@ -13,11 +13,11 @@ No CuPy import at module level: the CuPy module comes from the device.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 
 from rpcserver.ggml import GGMLType, Op
+from rpcserver.ops.attention import alibi_params
 
 from . import attention_kernel, dispatch, kernels, rope_kernel
 
@@ -116,16 +116,6 @@ def rms_norm(ctx) -> bool:
         kern((rows,), (kernels.ROW_THREADS,),
              _row_launch_args(src, dst) + (np.float32(ctx.param_f32(0)),))
     return True
-
-
-def alibi_params(n_head: int, max_bias: float):
-    """(m0, m1, n_head_log2) as ggml derives the ALiBi slopes from max_bias."""
-    if not max_bias > 0.0 or n_head <= 0:
-        return np.float32(1.0), np.float32(1.0), 1
-    n_head_log2 = 1 << int(math.floor(math.log2(n_head)))
-    m0 = np.float32(2.0) ** (-np.float32(max_bias) / np.float32(n_head_log2))
-    m1 = np.float32(2.0) ** (-(np.float32(max_bias) / np.float32(2.0)) / np.float32(n_head_log2))
-    return np.float32(m0), np.float32(m1), n_head_log2
 
 
 def soft_max(ctx) -> bool:
