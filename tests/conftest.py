@@ -32,7 +32,6 @@ import ggml_harness
 from rpcserver.client import RpcClient
 from rpcserver.errors import ClientGone
 from rpcserver.ggml import GGMLType
-from rpcserver.plugins import discover
 from rpcserver.protocol import make_tensor
 from rpcserver.server import Server
 
