@@ -78,15 +78,14 @@ class Buffer(ABC):
     def __init__(self, device: "Device", size: int):
         self.device = device
         self.size = size
-        #: unique for the server's lifetime (unlike id()), keys cached conversions
+        #: unique for the server's lifetime (unlike id()), keys prepared forms
         self.serial = next(_buffer_serials)
-        #: bumped on every write from the network; keys cached conversions of the contents
+        #: bumped on every write from the network; keys prepared forms of the contents
+        #: (rpcserver.device_state)
         self.generation = 0
-        #: set once a graph writes here (KV cache, compute buffers): never cache conversions
-        self.graph_written = False
 
     def mark_written(self) -> None:
-        """Record that the contents changed outside a graph (invalidates cached conversions)."""
+        """Record that the contents changed outside a graph (invalidates prepared forms)."""
         self.generation += 1
 
     @abstractmethod
@@ -157,9 +156,6 @@ class Device(ABC):
     max_buffer_size: int = 2**64 - 1
     #: the array library graphs compute with (None: NumPy); see rpcserver.executor.ArrayLib
     array_lib = None
-    #: bytes of float32 weight copies the executor may keep for this device; None applies
-    #: the default policy (see rpcserver.executor.weight_cache_budget)
-    weight_cache_bytes: int | None = None
 
     @abstractmethod
     def memory(self) -> tuple[int, int]:

@@ -18,31 +18,24 @@ compute nothing. Every other op is looked up in ``OP_TABLE``; a missing
 entry (or an unsupported type combination) fails the graph with an error
 naming the op, its types and its shapes.
 
-Converted weights: reading a quantized, F16 or BF16 tensor as float32 costs
-a dequantization. Tensors in buffers that no graph has ever written to (the
-model's weights) are converted once and kept in a per-device LRU cache.
-Policy: the cache may hold ``Device.weight_cache_bytes`` if the plugin sets
-it, else ``RPCSERVER_WEIGHT_CACHE_MIB`` MiB if that is set, else a quarter
-of the device's total memory at first use (see :func:`weight_cache_budget`);
-least recently used entries go first. Any write to a buffer from the network
-(SET_TENSOR, MEMSET, CLEAR, COPY) bumps its generation and so invalidates
-its entries; freeing it drops them. Buffers written by graphs (KV cache,
-compute buffers) are never cached. Because the copies live in device memory,
-GET_DEVICE_MEMORY's free figure reflects them, and llama.cpp's layer
-placement sees the true headroom.
+Weights stay in their ggml type. Reading a quantized, F16 or BF16 tensor as
+float32 widens it for the one op that reads it, never for longer: large
+weights are widened a tile of rows at a time (:meth:`NodeContext.row_tiles`)
+within the device's scratch budget (:mod:`rpcserver.device_state`), and a
+device's own kernels (``ArrayLib.op_overrides``) read the blocks directly.
+Nothing converted outlives the op, so the server holds the weights' bytes
+plus compute buffers, as llama.cpp's own server does.
 """
 
 from __future__ import annotations
 
-import os
 import struct
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import ggml
+from .device_state import DeviceState, state_of
 from .errors import GraphError
 
 #: op number -> implementation ``fn(ctx: NodeContext) -> None``; filled by rpcserver.ops
@@ -110,6 +103,15 @@ class ArrayLib:
         else:
             view[index] = values
 
+    def weight_product(self, ctx, w, b):
+        """``b @ w^T`` computed by the device's own kernel on the weights in their ggml type,
+        or None to let the shared code widen ``w`` tile by tile (the default).
+
+        ``w`` is a 2-D :class:`TensorView` (ne2 = ne3 = 1) of any type but F32, ``b`` the
+        float32 activations, shape (..., N, K); the result has shape (..., N, M).
+        """
+        return None
+
     def to_numpy(self, a):
         return np.asarray(a)
 
@@ -148,42 +150,6 @@ def f32_to_bf16(xp, values):
     return xp.where(nan, ((u >> 16) | 64).astype(xp.uint16), rounded)
 
 
-class DequantCache:
-    """float32 copies of weights, LRU-bounded by ``budget`` bytes (see the module docstring)."""
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.used = 0
-        self._entries: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-            return value
-
-    def drop_buffer(self, serial: int) -> None:
-        """Forget every entry converted from the buffer with this serial."""
-        with self._lock:
-            for key in [k for k in self._entries if k[0] == serial]:
-                _, n = self._entries.pop(key)
-                self.used -= n
-
-    def put(self, key, value, nbytes: int):
-        if nbytes > self.budget:
-            return
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = (value, nbytes)
-            self.used += nbytes
-            while self.used > self.budget and self._entries:
-                _, (_, n) = self._entries.popitem(last=False)
-                self.used -= n
-
-
 @dataclass
 class TensorView:
     """Where a graph tensor's elements live, in array terms."""
@@ -202,10 +168,6 @@ class TensorView:
     def strides(self):
         return (self.nb[3], self.nb[2], self.nb[1], self.nb[0])
 
-    def key(self):
-        return (self.buffer.serial, self.buffer.generation, self.offset, self.type.value,
-                self.ne, self.nb)
-
 
 def tensor_view(gt) -> TensorView:
     ref = gt.ref
@@ -216,12 +178,13 @@ def tensor_view(gt) -> TensorView:
 class NodeContext:
     """What an op implementation sees: its node, its sources, and how to read and write them."""
 
-    def __init__(self, device, lib: ArrayLib, node, cache: DequantCache | None):
+    def __init__(self, device, lib: ArrayLib, node, state: DeviceState):
         self.device = device
         self.lib = lib
         self.xp = lib.xp
         self.node = node
-        self.cache = cache
+        #: the core's record of the device: scratch budget, prepared forms
+        self.state = state
         # Resolved once per graph and reused by GRAPH_RECOMPUTE (see GraphPlan).
         self.dst = tensor_view(node)
         self._srcs = [tensor_view(s) if s is not None else None for s in node.src]
@@ -262,21 +225,42 @@ class NodeContext:
         return view
 
     def f32(self, tv: TensorView):
-        """The elements as float32, shape (ne3, ne2, ne1, ne0), dequantizing when needed."""
+        """The elements as float32, shape (ne3, ne2, ne1, ne0), widened for this op only.
+
+        For a large weight prefer :meth:`row_tiles`, which bounds the widened copy.
+        """
+        if tv.type.value == ggml.GGMLType.F32:
+            return self.raw(tv)
+        return self._convert_f32(tv)
+
+    def rows_f32(self, tv: TensorView, i3: int, i2: int, start: int, stop: int):
+        """Rows ``start:stop`` of matrix ``(i3, i2)`` of ``tv`` as float32, shape (rows, ne0)."""
         t = tv.type.value
         if t == ggml.GGMLType.F32:
-            return self.raw(tv)
-        cacheable = (self.cache is not None and tv.buffer is not None
-                     and not getattr(tv.buffer, "graph_written", False))
-        if cacheable:
-            key = tv.key()
-            hit = self.cache.get(key)
-            if hit is not None:
-                return hit[0]
-        out = self._convert_f32(tv)
-        if cacheable:
-            self.cache.put(key, out, out.size * 4)
-        return out
+            return self.raw(tv)[i3, i2, start:stop]
+        if tv.type.is_quantized:
+            rows = self.lib.view(tv.buffer, tv.offset + i3 * tv.nb[3] + i2 * tv.nb[2] + start * tv.nb[1],
+                                 (stop - start, tv.type.row_size(tv.ne[0])), (tv.nb[1], 1), np.uint8)
+            return self.lib.dequantize(rows, t)
+        return self.widen(self.raw(tv)[i3, i2, start:stop], t)
+
+    def widen(self, raw, type_value: int):
+        """Elements of a plain type ``type_value`` in their storage dtype, as float32."""
+        if type_value == ggml.GGMLType.BF16:
+            return bf16_to_f32(self.xp, raw)
+        if type_value == ggml.GGMLType.F32:
+            return raw
+        return raw.astype(self.xp.float32)
+
+    def row_tiles(self, tv: TensorView, i3: int = 0, i2: int = 0):
+        """Matrix ``(i3, i2)`` of ``tv`` as float32 tiles of rows: yields ``(start, stop, tile)``
+        with ``tile`` of shape (stop - start, ne0), each within the device's scratch budget."""
+        n_rows = tv.ne[1]
+        step = self.state.rows_per_tile(4 * tv.ne[0], n_rows)
+        for start in range(0, n_rows, step):
+            stop = min(n_rows, start + step)
+            with self.state.scratch(4 * tv.ne[0] * (stop - start)):
+                yield start, stop, self.rows_f32(tv, i3, i2, start, stop)
 
     def _convert_f32(self, tv: TensorView):
         xp, t = self.xp, tv.type.value
@@ -299,7 +283,6 @@ class NodeContext:
         tv = tv or self.dst
         if tv.buffer is None:
             return
-        tv.buffer.graph_written = True
         xp, t = self.xp, tv.type.value
         if tv.type.is_quantized:
             shape = tv.shape[:3] + (tv.type.row_size(tv.ne[0]),)
@@ -347,35 +330,6 @@ def _indexed_shape(xp, shape, index) -> tuple:
     return tuple(probe[index].shape)
 
 
-def weight_cache_budget(device) -> int:
-    """How many bytes of converted weights ``device`` may keep (the policy in the module doc)."""
-    if device.weight_cache_bytes is not None:
-        return device.weight_cache_bytes
-    env = os.environ.get("RPCSERVER_WEIGHT_CACHE_MIB")
-    if env:
-        return int(env) << 20
-    return device.memory()[1] // 4
-
-
-_cache_lock = threading.Lock()
-
-
-def weight_cache(device) -> DequantCache:
-    """The device's converted-weight cache, created on first use."""
-    with _cache_lock:
-        cache = device.__dict__.get("_weight_cache")
-        if cache is None:
-            cache = device._weight_cache = DequantCache(weight_cache_budget(device))
-        return cache
-
-
-def forget_buffer(buffer) -> None:
-    """Drop cached conversions of a buffer that is being freed."""
-    cache = buffer.device.__dict__.get("_weight_cache")
-    if cache is not None:
-        cache.drop_buffer(buffer.serial)
-
-
 def _with_fallback(override, shared):
     """An implementation that tries a device's own kernel first, else the shared code."""
     def impl(ctx):
@@ -399,7 +353,7 @@ class GraphPlan:
         from .ops.support import check_support
 
         lib = device.array_lib or NUMPY
-        cache = weight_cache(device)
+        state = state_of(device)
         self.steps = []
         for node in graph.nodes:
             if node.op in ggml.VIEW_OPS:
@@ -411,7 +365,7 @@ class GraphPlan:
             override = lib.op_overrides.get(node.op)
             if override is not None:
                 impl = _with_fallback(override, impl)
-            self.steps.append((impl, NodeContext(device, lib, node, cache)))
+            self.steps.append((impl, NodeContext(device, lib, node, state)))
 
     def run(self) -> None:
         for impl, ctx in self.steps:

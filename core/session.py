@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from . import ggml
 from .buffers import BufferTable, SessionBuffer, TensorRef
 from .errors import BoundsError, ClientGone, GraphError, ProtocolError, SessionError
-from .executor import forget_buffer
+from .device_state import forget_buffer, state_of
 from .graph import Graph, parse_graph
 from .protocol import (
     COMMAND_COUNT, COMMANDS, CONN_CAPS_SIZE, FRAME_HEADER, PROTOCOL_VERSION, SET_TENSOR_HEADER,
@@ -403,7 +403,9 @@ class Session:
 
     def _get_device_memory(self, cmd, size):
         (index,) = self._fixed_request(cmd, size)
-        free, total = self._device(cmd, index).memory()
+        device = self._device(cmd, index)
+        free, total = device.memory()
+        free = state_of(device).reported_free(free)
         self._dbg("GET_DEVICE_MEMORY device=%d -> free=%d total=%d", index, free, total)
         self._reply(cmd, free, total)
 

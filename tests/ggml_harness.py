@@ -360,6 +360,37 @@ def _to_float(type_: int, raw: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def ggml_quantize(type_: int, values: np.ndarray) -> np.ndarray:
+    """Rows of float32 ``values`` (shape (rows, n)) in ggml type ``type_``, by ggml's own
+    quantizer (ggml_quantize_chunk; a unit importance matrix where the type needs one):
+    uint8, shape (rows, row bytes)."""
+    from rpcserver import ggml as rg
+
+    require_ggml()
+    src = np.ascontiguousarray(values, dtype=np.float32)
+    rows, n = src.shape
+    info = rg.TYPES[type_]
+    row_bytes = info.row_size(n)
+    imatrix = None
+    if _f("ggml_quantize_requires_imatrix")(type_):
+        im = np.ones(n, np.float32)
+        imatrix = im.ctypes.data_as(POINTER(c_float))
+    dst = np.zeros((rows, row_bytes), np.uint8)
+    _f("ggml_quantize_chunk")(type_, src.ctypes.data_as(POINTER(c_float)), dst.ctypes.data,
+                              0, rows, n, imatrix)
+    return dst
+
+
+def ggml_to_float(type_: int, rows: np.ndarray) -> np.ndarray:
+    """ggml's own to_float of uint8 ``rows`` (shape (rows, row bytes)) in type ``type_``."""
+    from rpcserver import ggml as rg
+
+    require_ggml()
+    info = rg.TYPES[type_]
+    n = rows.shape[1] // info.type_size * info.block_size
+    return _to_float(type_, np.ascontiguousarray(rows), rows.shape[0] * n).reshape(rows.shape[0], n)
+
+
 def tensor_array(image, offset: int, type_: int, ne, nb, *, native: bool = False) -> np.ndarray:
     """The elements of a tensor stored at ``offset`` of ``image`` (bytes of a whole buffer).
 
@@ -568,7 +599,7 @@ def run_ours(device, graph_ptr: int, snapshot: bytes, outputs, *, native: bool =
     for an unimplemented op, a validation failure or an executor error).
     """
     from rpcserver.buffers import AddressSpace, BufferTable, SessionBuffer
-    from rpcserver.executor import forget_buffer
+    from rpcserver.device_state import forget_buffer
     from rpcserver.graph import parse_graph
     from rpcserver.protocol import pack_graph
 
@@ -589,7 +620,7 @@ def run_ours(device, graph_ptr: int, snapshot: bytes, outputs, *, native: bool =
         device.graph_compute(graph)
         image = bytes(buffer.read(0, size))
     finally:
-        forget_buffer(buffer)  # what a session does before freeing: drop its cached conversions
+        forget_buffer(buffer)  # what a session does before freeing: drop its prepared forms
         buffer.free()
         _RETIRED.append(buffer)
     by_id = {r.id: r for r in tensors}

@@ -4,11 +4,15 @@ ggml's convention: src0 is (ne00=K, ne01=M) -- typically the weights --, src1
 is (K, N), dst is (M, N). Batch dims 2 and 3 of src0 are *repeated* (not
 tiled) to match src1: batch i2 of src1 uses batch i2 // (ne12/ne02) of src0,
 which is how grouped-query attention shares K/V heads.
+
+A 2-D weight that is not F32 is widened a tile of rows at a time, never whole
+(:func:`mul_mat_tiled`); batched non-F32 sources (an F16 KV cache seen through
+a view) are widened for this op only, as far as the view reaches.
 """
 
 from __future__ import annotations
 
-from ..ggml import Op
+from ..ggml import GGMLType, Op
 from . import op
 
 
@@ -36,8 +40,29 @@ def matmul_broadcast(xp, a, b):
     return out.reshape(b3, b2, n, m)
 
 
+def mul_mat_tiled(ctx, w, b):
+    """``b @ w^T`` for a 2-D weight ``w`` in its own type.
+
+    b: float32 (..., N, K) -> (..., N, M). The device's kernel (``ArrayLib.weight_product``)
+    when it has one for the case, else ``w`` widened a tile of rows at a time: only one tile
+    of float32 weights exists at once, within the device's scratch budget
+    (rpcserver.device_state).
+    """
+    xp = ctx.xp
+    out = ctx.lib.weight_product(ctx, w, b)
+    if out is not None:
+        return out
+    flat = b.reshape(-1, w.ne[0])
+    parts = [flat @ xp.swapaxes(tile, 0, 1) for _, _, tile in ctx.row_tiles(w)]
+    out = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=1)
+    return out.reshape(tuple(b.shape[:-1]) + (w.ne[1],))
+
+
 @op(Op.MUL_MAT)
 def mul_mat(ctx):
-    a = ctx.f32(ctx.src(0))
+    w = ctx.src(0)
     b = ctx.f32(ctx.src(1))
-    ctx.store(matmul_broadcast(ctx.xp, a, b))
+    if w.type.value != GGMLType.F32 and w.ne[2] == 1 and w.ne[3] == 1:
+        ctx.store(mul_mat_tiled(ctx, w, b))  # a weight matrix: never widened whole
+        return
+    ctx.store(matmul_broadcast(ctx.xp, ctx.f32(w), b))

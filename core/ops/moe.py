@@ -12,8 +12,8 @@ MUL_MAT_ID, as ggml defines it (ggml.c, ggml_mul_mat_id)::
 ``n_b == 1`` is the common "broadcast" form: every selected expert of a
 token multiplies the same activation row. Like ggml's CPU backend, the
 (token, slot) pairs are grouped by expert so each expert used by the batch
-costs one matmul; experts no token selected are never read (nor converted to
-float32: each expert is dequantized, and cached, on its own).
+costs one matmul; experts no token selected are never read (each expert is
+widened on its own, a tile of rows at a time, for this op only).
 
 ADD_ID: ``dst[:, i1, i2, i3] = src0[:, i1, i2, i3] + src1[:, ids[i1, i2]]`` with
 ids = src2 (I32, [ne1, ne2] of src0); only src1's rows (dim 1) are selected.
@@ -27,13 +27,13 @@ import numpy as np
 
 from ..ggml import GGMLType, Op
 from . import op
+from .matmul import mul_mat_tiled
 
 
 def _expert_view(tv, e: int):
     """The 2-D slice ``as[:, :, e]`` of a 3-D expert tensor, as its own TensorView.
 
-    A separate view per expert means a quantized expert is dequantized (and
-    cached by the executor) only when some token uses it.
+    A separate view per expert means a quantized expert is read only when some token uses it.
     """
     return replace(tv, offset=tv.offset + e * tv.nb[2], ne=(tv.ne[0], tv.ne[1], 1, 1),
                    nb=(tv.nb[0], tv.nb[1], tv.nb[1] * tv.ne[1], tv.nb[1] * tv.ne[1]))
@@ -82,8 +82,7 @@ def mul_mat_id(ctx):
     start = 0
     for e in np.flatnonzero(counts):
         stop = start + int(counts[e])
-        w = ctx.f32(_expert_view(as_v, int(e)))[0, 0]  # (M, K)
-        results[start:stop] = rows[start:stop] @ w.T
+        results[start:stop] = mul_mat_tiled(ctx, _expert_view(as_v, int(e)), rows[start:stop])
         start = stop
     out[tok_d, slot_d] = results
     ctx.store(out.reshape(dst.shape))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..ggml import Op
 from . import op
 
@@ -12,14 +14,22 @@ def get_rows(ctx):
     xp = ctx.xp
     src, idx_view, dst = ctx.src(0), ctx.src(1), ctx.dst
     idx = ctx.raw(idx_view)[0].astype(xp.int64)  # (ne12, ne11, ne10)
-    same_plain = src.type.value == dst.type.value and not src.type.is_quantized
-    data = ctx.raw(src) if same_plain else ctx.f32(src)  # (ne03, ne02, ne01, ne00)
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= src.ne[1]):
         ctx.fail(f"GET_ROWS index out of range [0, {src.ne[1]})")
     n12, n11, _ = idx.shape
-    i12 = xp.arange(n12).reshape(n12, 1, 1) % data.shape[0]
-    i11 = xp.arange(n11).reshape(1, n11, 1) % data.shape[1]
-    ctx.store(data[i12, i11, idx].reshape(dst.shape))
+    i12 = xp.arange(n12).reshape(n12, 1, 1) % src.ne[3]
+    i11 = xp.arange(n11).reshape(1, n11, 1) % src.ne[2]
+    if src.type.is_quantized:
+        # gather the named rows' blocks, then widen only those (never the whole table)
+        blocks = ctx.lib.view(src.buffer, src.offset, src.shape[:3] + (src.type.row_size(src.ne[0]),),
+                              src.strides[:3] + (1,), np.uint8)[i12, i11, idx]
+        rows = ctx.lib.dequantize(blocks.reshape(-1, blocks.shape[-1]), src.type.value)
+        ctx.store(rows.reshape(dst.shape))
+        return
+    rows = ctx.raw(src)[i12, i11, idx]  # (ne12, ne11, ne10, ne00) in the storage dtype
+    if src.type.value != dst.type.value:
+        rows = ctx.widen(rows, src.type.value)
+    ctx.store(rows.reshape(dst.shape))
 
 
 @op(Op.SET_ROWS)

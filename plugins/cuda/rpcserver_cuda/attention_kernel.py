@@ -522,7 +522,6 @@ def flash_attn_ext(ctx) -> bool:
                else np.uint64(0))
     dst_args = (ops._ptr_array(dst), np.int64(dst.nb[1]), np.int64(dst.nb[2]), np.int64(dst.nb[3]))
 
-    dst.buffer.graph_written = True
     kern((n_tiles * n_split,), (THREADS,), (
         q,
         ops._ptr_array(kv), np.int64(kv.nb[1]), np.int64(kv.nb[2]), np.int64(kv.nb[3]),

@@ -111,7 +111,6 @@ def rms_norm(ctx) -> bool:
     kern = _get_kernel(ctx, "rms_norm", "rows", kernels.RMS_NORM_KERNEL)
     if kern is None:
         return False
-    dst.buffer.graph_written = True
     if rows and src.ne[0]:
         kern((rows,), (kernels.ROW_THREADS,),
              _row_launch_args(src, dst) + (np.float32(ctx.param_f32(0)),))
@@ -147,7 +146,6 @@ def soft_max(ctx) -> bool:
         return False
     scale, max_bias = ctx.param_f32(0), ctx.param_f32(1)
     m0, m1, n_head_log2 = alibi_params(ne02, max_bias)
-    dst.buffer.graph_written = True
     rows = ne01 * ne02 * ne03
     if rows and ne00:
         kern((rows,), (kernels.ROW_THREADS,),

@@ -250,7 +250,6 @@ def rope(ctx) -> bool:
     theta_scale, corr_low, corr_span, mscale = shared_rope.rope_constants(
         n_dims, n_ctx_orig, freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow)
 
-    dst.buffer.graph_written = True
     n_rows = ne1 * ne3
     if ne0 == 0 or n_rows == 0 or ne2 == 0:
         return True

@@ -1,0 +1,144 @@
+"""What the core keeps per device while it computes: scratch accounting and prepared forms.
+
+Weights stay in their ggml type in the buffers the client filled. An op that
+needs them wider (float32 tiles for a matrix product, a library's own packed
+layout) works in *scratch*: memory taken for the duration of one op and
+bounded by :attr:`DeviceState.scratch_budget`, never kept for the life of a
+buffer. The one thing kept across graphs is a *prepared form*, an
+alternative encoding of a weight tensor that a device's kernels read faster
+(MLX's affine scales and biases, for instance). Prepared forms are keyed by
+the buffer's serial and write generation, so any write from the network
+invalidates them, and are dropped when the buffer is freed.
+
+Both are counted, so ``GET_DEVICE_MEMORY`` tells the client the truth:
+:meth:`DeviceState.reported_free` subtracts the scratch an op may still take
+(the budget not yet in use, which the device's own free figure cannot see
+yet) and the prepared forms a device does not already count.
+
+One record per device object, owned here rather than set on the plugin's
+objects: :func:`state_of` finds (or makes) it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from contextlib import contextmanager
+
+#: default bound on one device's scratch (float32 tiles of widened weights), bytes
+DEFAULT_SCRATCH_BYTES = 64 << 20
+
+
+def scratch_budget_from_env() -> int:
+    """``RPCSERVER_SCRATCH_MIB`` (MiB) if set, else :data:`DEFAULT_SCRATCH_BYTES`."""
+    env = os.environ.get("RPCSERVER_SCRATCH_MIB")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"RPCSERVER_SCRATCH_MIB={env!r} is not a whole number of MiB") from None
+        if value < 1:
+            raise ValueError(f"RPCSERVER_SCRATCH_MIB={value}: at least 1 MiB is needed")
+        return value << 20
+    return DEFAULT_SCRATCH_BYTES
+
+
+class DeviceState:
+    """Scratch in use and prepared forms of one device (see the module docstring)."""
+
+    def __init__(self, device, scratch_budget: int | None = None):
+        self.device_name = getattr(device, "name", "?")
+        self.scratch_budget = scratch_budget if scratch_budget is not None else scratch_budget_from_env()
+        self.scratch_in_use = 0
+        #: the most scratch ever held at once (for tests and the live view)
+        self.scratch_peak = 0
+        self._prepared: dict[tuple, tuple[object, int]] = {}
+        self.prepared_bytes = 0
+        self._lock = threading.Lock()
+
+    # -- scratch ------------------------------------------------------------------
+
+    def rows_per_tile(self, row_bytes: int, n_rows: int) -> int:
+        """How many rows of ``row_bytes`` (widened) one tile may hold: at least 1, at most all."""
+        if row_bytes <= 0:
+            return max(1, n_rows)
+        return max(1, min(n_rows, self.scratch_budget // row_bytes))
+
+    @contextmanager
+    def scratch(self, nbytes: int):
+        """Account ``nbytes`` of scratch for the ``with`` block (the caller allocates it)."""
+        with self._lock:
+            self.scratch_in_use += nbytes
+            self.scratch_peak = max(self.scratch_peak, self.scratch_in_use)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.scratch_in_use -= nbytes
+
+    # -- prepared forms --------------------------------------------------------------
+
+    def prepared(self, buffer, key: tuple, make, *, counted_by_device: bool = True):
+        """The prepared form of ``buffer``'s contents stored under ``key`` (say, an offset, type
+        and shape), made by ``make() -> (value, nbytes)`` on first use.
+
+        Forms made before the buffer's latest write from the network are stale: they are
+        dropped, and the form is made again. ``counted_by_device``: the form lives in memory
+        the device's own ``memory()`` already reports as used (False for a form the device
+        cannot see, e.g. host memory of a GPU device).
+        """
+        full = (buffer.serial, buffer.generation) + tuple(key)
+        with self._lock:
+            hit = self._prepared.get(full)
+        if hit is not None:
+            return hit[0]
+        value, nbytes = make()
+        with self._lock:
+            for old in [k for k in self._prepared if k[0] == buffer.serial and k[1] != buffer.generation]:
+                self.prepared_bytes -= self._prepared.pop(old)[1]
+            if full not in self._prepared:
+                counted = 0 if counted_by_device else nbytes
+                self._prepared[full] = (value, counted)
+                self.prepared_bytes += counted
+            return self._prepared[full][0]
+
+    def drop_buffer(self, serial: int) -> None:
+        """Forget every prepared form made from the buffer with this serial."""
+        with self._lock:
+            for key in [k for k in self._prepared if k[0] == serial]:
+                _, n = self._prepared.pop(key)
+                self.prepared_bytes -= n
+
+    def prepared_count(self) -> int:
+        with self._lock:
+            return len(self._prepared)
+
+    # -- what the client is told -------------------------------------------------------
+
+    def reported_free(self, free: int) -> int:
+        """The device's ``free`` bytes less the scratch ops may still take and uncounted forms."""
+        with self._lock:
+            reserve = max(0, self.scratch_budget - self.scratch_in_use) + self.prepared_bytes
+        return max(0, free - reserve)
+
+
+_states: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_states_lock = threading.Lock()
+
+
+def state_of(device) -> DeviceState:
+    """The core's record for ``device``, created on first use."""
+    with _states_lock:
+        state = _states.get(device)
+        if state is None:
+            state = _states[device] = DeviceState(device)
+        return state
+
+
+def forget_buffer(buffer) -> None:
+    """Drop what the core prepared from a buffer that is being freed."""
+    with _states_lock:
+        state = _states.get(buffer.device)
+    if state is not None:
+        state.drop_buffer(buffer.serial)
