@@ -1,14 +1,20 @@
-"""rpcserver's CPU backend: host memory held in NumPy arrays.
+"""rpcserver's CPU backend: host memory held in NumPy arrays, numba kernels for the weights.
 
-Buffers are aligned ``uint8`` arrays, so the network layer receives
-SET_TENSOR payloads straight into them and sends GET_TENSOR replies
-straight out of them. ``-t/--threads`` caps the BLAS/OpenMP pools NumPy
-uses, through threadpoolctl.
+Buffers are ``uint8`` arrays over their own anonymous memory maps, so the
+network layer receives SET_TENSOR payloads straight into them, sends
+GET_TENSOR replies straight out of them, and freeing a buffer hands its
+pages back to the operating system at once (a heap allocation would stay
+with the allocator). Weights stay in their ggml type: the kernels in
+:mod:`rpcserver_cpu.kernels` read their blocks directly (see
+:mod:`rpcserver_cpu.arraylib`). ``-t/--threads`` sets the kernels' threads
+and caps the BLAS/OpenMP pools NumPy uses, through threadpoolctl.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import platform
 import subprocess
 from importlib import metadata
@@ -19,6 +25,8 @@ from threadpoolctl import threadpool_limits
 
 from rpcserver.device import Backend, Buffer, Device, DeviceOptions, DeviceType
 from rpcserver.hookspecs import hookimpl
+
+from .arraylib import CpuArrayLib
 
 __version__ = metadata.version("rpcserver-cpu")
 log = logging.getLogger("rpcserver.cpu")
@@ -44,14 +52,37 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
+def release_freed_memory_promptly() -> None:
+    """Make glibc's malloc serve large blocks from their own maps for good.
+
+    By default glibc raises its mmap threshold each time a large block is freed, so later
+    temporaries of that size come from the heap and their pages stay with the process after
+    they are freed. A fixed threshold (setting it disables the adjustment) keeps every block
+    of 1 MiB or more in a map of its own, returned to the system when freed.
+    """
+    if platform.system() != "Linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 8 << 20)
+    except (OSError, AttributeError):  # not glibc: its allocator's own policy applies
+        pass
+
+
 class HostBuffer(Buffer):
-    """``size`` bytes of host memory: a 32-byte-aligned slice of a NumPy array."""
+    """``size`` bytes of host memory: a NumPy array over an anonymous memory map.
+
+    The map is page-aligned (more than ggml's 32 bytes), its pages are only
+    committed when written, and :meth:`free` unmaps it as soon as no array
+    views it any more.
+    """
 
     def __init__(self, device: "CpuDevice", size: int):
         super().__init__(device, size)
-        raw = np.empty(size + ALIGNMENT, dtype=np.uint8)
-        start = (-raw.ctypes.data) % ALIGNMENT
-        self.array = raw[start:start + size]
+        self._map = mmap.mmap(-1, size)
+        self.array = np.frombuffer(self._map, dtype=np.uint8)
 
     def host_view(self, offset, size):
         return memoryview(self.array[offset:offset + size])
@@ -70,6 +101,11 @@ class HostBuffer(Buffer):
 
     def free(self):
         self.array = None
+        mapping, self._map = self._map, None
+        try:
+            mapping.close()  # unmapped now, unless a view is still alive (then when it dies)
+        except BufferError:
+            pass
 
 
 class CpuDevice(Device):
@@ -82,6 +118,8 @@ class CpuDevice(Device):
         self.threads = threads
         # Keep the limiter alive: it caps BLAS/OpenMP pools for the whole process.
         self._limits = threadpool_limits(limits=threads)
+        self.array_lib = CpuArrayLib(threads)
+        release_freed_memory_promptly()
 
     def memory(self):
         vm = psutil.virtual_memory()

@@ -1,0 +1,57 @@
+"""NumPy for the shared ops, with the numba kernels for weights in their ggml type.
+
+* :meth:`CpuArrayLib.weight_product`: a matrix product with at most
+  :data:`MMV_MAX_COLS` activation rows (decode, small batches) reads the
+  weight blocks directly (:func:`rpcserver_cpu.kernels.mul_mat_vec`); larger
+  batches return None, so the shared code widens the weights a tile of rows
+  at a time and BLAS multiplies the tiles.
+* :meth:`CpuArrayLib.dequantize`: widening rows (those tiles, GET_ROWS) runs
+  the type's numba decoder on every thread; types without one use gguf's
+  reference decoder.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rpcserver.executor import ArrayLib
+
+from . import kernels
+from .kernels.launch import launch
+
+#: most activation rows (columns of dst) a product reads the weight blocks for directly; above
+#: it, widening a tile once and multiplying it with BLAS is faster
+MMV_MAX_COLS = 8
+
+
+class CpuArrayLib(ArrayLib):
+    name = "numpy+numba"
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def weight_product(self, ctx, w, b):
+        k = kernels.BLOCK_KERNELS.get(w.type.value)
+        n_k, m = w.ne[0], w.ne[1]
+        n_cols = int(np.prod(b.shape[:-1]))
+        if (k is None or w.buffer is None or not 0 < n_cols <= MMV_MAX_COLS or n_k % k.block
+                or n_k % 16 or m == 0):
+            return None
+        rows = self.view(w.buffer, w.offset, (m, w.type.row_size(n_k)), (w.nb[1], 1), np.uint8)
+        x = np.ascontiguousarray(b.reshape(n_cols, n_k), dtype=np.float32)
+        xs = np.empty((n_cols, n_k // 16), np.float32)
+        launch(kernels.sums_of_16, None, x, xs, threads=self.threads)
+        out = np.empty((n_cols, m), np.float32)
+        launch(kernels.mul_mat_vec, w.type.value, rows, x, xs, out, threads=self.threads)
+        return out.reshape(tuple(b.shape[:-1]) + (m,))
+
+    def dequantize(self, raw_rows, type_value: int):
+        k = kernels.BLOCK_KERNELS.get(type_value)
+        row_bytes = raw_rows.shape[-1]
+        if k is None or row_bytes % k.nbytes:
+            return super().dequantize(raw_rows, type_value)
+        rows = raw_rows.reshape(-1, row_bytes)
+        out = np.empty((rows.shape[0], row_bytes // k.nbytes * k.block), np.float32)
+        if rows.shape[0]:
+            launch(kernels.dequantize_rows, type_value, rows, out, threads=self.threads)
+        return out.reshape(tuple(raw_rows.shape[:-1]) + (out.shape[1],))

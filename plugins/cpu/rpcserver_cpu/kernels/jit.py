@@ -1,0 +1,68 @@
+"""Numba building blocks shared by every CPU kernel: options, bit casts, half floats.
+
+Numba has no float16 scalars on the CPU; the intrinsics below reach LLVM's
+``half`` type directly, so a conversion is one ``vcvtph2ps`` where the CPU has
+F16C. Kernels are compiled with :data:`KERNEL_OPTIONS`: cached on disk
+(``cache=True``: a later process loads the machine code instead of compiling),
+``nogil`` (other sessions keep serving while a kernel runs) and ``fastmath``
+(re-associated float sums, so reductions vectorise; the results still differ
+from exact arithmetic only by float32 rounding).
+
+Threads: numba's ``workqueue`` layer, unless ``NUMBA_THREADING_LAYER`` says
+otherwise. GNU OpenMP (numba's default where it is installed) hangs a
+process that forks after a parallel region, and the server's tests fork
+llama.cpp's reference computations; TBB is fork-safe but its pip wheel is
+not on the loader's path. workqueue is fork-safe and not thread-safe, so
+:func:`rpcserver_cpu.kernels.launch.launch` runs one kernel at a time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    numba.config.THREADING_LAYER = "workqueue"
+
+#: options of the parallel kernels (entry points)
+KERNEL_OPTIONS = dict(cache=os.environ.get("RPCSERVER_NO_JIT_CACHE") is None, nogil=True, fastmath=True, parallel=True, error_model="numpy")
+#: options of the per-block helpers, inlined into the kernels
+INLINE_OPTIONS = dict(inline="always", fastmath=True, error_model="numpy")
+
+
+@intrinsic
+def half_to_f32(typingctx, bits):
+    """The IEEE half with bit pattern ``bits`` (uint16) as float32, exactly."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def f32_bits_to_f32(typingctx, bits):
+    """The float32 with bit pattern ``bits`` (uint32)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@njit(**INLINE_OPTIONS)
+def le_u16(row, o):
+    """The little-endian uint16 at byte ``o`` of the uint8 array ``row``."""
+    return types.uint16(row[o]) | (types.uint16(row[o + 1]) << types.uint16(8))
+
+
+@njit(**INLINE_OPTIONS)
+def half_at(row, o):
+    """The little-endian IEEE half at byte ``o`` of ``row``, as float32 (ggml_half fields)."""
+    return half_to_f32(le_u16(row, o))
+
+
+@njit(**INLINE_OPTIONS)
+def bf16_to_f32(bits):
+    """bfloat16 bits (uint16) as float32: the upper half of the float32's bits."""
+    return f32_bits_to_f32(types.uint32(bits) << types.uint32(16))
