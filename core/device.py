@@ -156,6 +156,9 @@ class Device(ABC):
     max_buffer_size: int = 2**64 - 1
     #: the array library graphs compute with (None: NumPy); see rpcserver.executor.ArrayLib
     array_lib = None
+    #: bytes of scratch an op may take to widen weights (None: RPCSERVER_SCRATCH_MIB, else
+    #: 64 MiB); see rpcserver.device_state. A GPU may want more: larger tiles, fewer launches
+    scratch_bytes: int | None = None
 
     @abstractmethod
     def memory(self) -> tuple[int, int]:

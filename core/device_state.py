@@ -30,8 +30,9 @@ from contextlib import contextmanager
 DEFAULT_SCRATCH_BYTES = 64 << 20
 
 
-def scratch_budget_from_env() -> int:
-    """``RPCSERVER_SCRATCH_MIB`` (MiB) if set, else :data:`DEFAULT_SCRATCH_BYTES`."""
+def scratch_budget_from_env(declared: int | None = None) -> int:
+    """``RPCSERVER_SCRATCH_MIB`` (MiB) if set, else what the device declares
+    (``Device.scratch_bytes``), else :data:`DEFAULT_SCRATCH_BYTES`."""
     env = os.environ.get("RPCSERVER_SCRATCH_MIB")
     if env:
         try:
@@ -41,7 +42,7 @@ def scratch_budget_from_env() -> int:
         if value < 1:
             raise ValueError(f"RPCSERVER_SCRATCH_MIB={value}: at least 1 MiB is needed")
         return value << 20
-    return DEFAULT_SCRATCH_BYTES
+    return declared or DEFAULT_SCRATCH_BYTES
 
 
 class DeviceState:
@@ -49,7 +50,9 @@ class DeviceState:
 
     def __init__(self, device, scratch_budget: int | None = None):
         self.device_name = getattr(device, "name", "?")
-        self.scratch_budget = scratch_budget if scratch_budget is not None else scratch_budget_from_env()
+        if scratch_budget is None:
+            scratch_budget = scratch_budget_from_env(getattr(device, "scratch_bytes", None))
+        self.scratch_budget = scratch_budget
         self.scratch_in_use = 0
         #: the most scratch ever held at once (for tests and the live view)
         self.scratch_peak = 0
