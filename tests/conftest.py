@@ -21,6 +21,7 @@ Plain helpers (import them with ``from conftest import ...``):
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 
@@ -36,6 +37,10 @@ from rpcserver.protocol import make_tensor
 from rpcserver.server import Server
 
 CLIENT_TIMEOUT = 10.0
+
+# The CPU plugin computes a case with the shared code while its kernel is still compiling in
+# the background; the suites check the kernels, so here requests wait for them.
+os.environ.setdefault("RPCSERVER_CPU_WAIT_FOR_KERNELS", "1")
 
 
 # --------------------------------------------------------------------------- helpers

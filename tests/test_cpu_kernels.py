@@ -81,3 +81,23 @@ def test_mul_mat_vec_is_exact_up_to_float32(t, n_cols, padded):
     exact = x.astype(np.float64) @ wf.astype(np.float64).T
     err = np.sum((out - exact) ** 2) / np.sum(exact ** 2)
     assert err < 1e-10, f"{_name(t)}: NMSE {err:.3g} against the exact product"
+
+
+def test_a_kernel_still_compiling_is_not_waited_for():
+    """launch(wait=False) on a specialisation nobody compiled yet returns False at once and
+    queues it; the warmer then compiles it and the same call runs it."""
+    from rpcserver_cpu.kernels.launch import WARMER, is_ready
+
+    t = int(GGMLType.Q8_0)
+    raw, wf = _weights(t, 4, 64, seed=7)
+    w = np.asfortranarray(raw)  # a column-major layout: no warm-up compiles this one
+    x = np.ones((1, 64), np.float32)
+    xs = np.full((1, 4), 16, np.float32)
+    out = np.zeros((1, 4), np.float32)
+    if not is_ready(kernels.mul_mat_vec, t, w, x, xs, out):
+        assert launch(kernels.mul_mat_vec, t, w, x, xs, out, wait=False) is False
+        assert np.all(out == 0)  # nothing ran
+    assert WARMER.wait(timeout=300)
+    assert is_ready(kernels.mul_mat_vec, t, w, x, xs, out)
+    assert launch(kernels.mul_mat_vec, t, w, x, xs, out, wait=False) is True
+    np.testing.assert_allclose(out[0], wf.sum(axis=1), rtol=1e-5)

@@ -27,6 +27,7 @@ from rpcserver.device import Backend, Buffer, Device, DeviceOptions, DeviceType
 from rpcserver.hookspecs import hookimpl
 
 from .arraylib import CpuArrayLib
+from .kernels.launch import warm_up
 
 __version__ = metadata.version("rpcserver-cpu")
 log = logging.getLogger("rpcserver.cpu")
@@ -119,6 +120,7 @@ class CpuDevice(Device):
         # Keep the limiter alive: it caps BLAS/OpenMP pools for the whole process.
         self._limits = threadpool_limits(limits=threads)
         self.array_lib = CpuArrayLib(threads)
+        warm_up()  # compile (or load) every kernel in the background
         release_freed_memory_promptly()
 
     def memory(self):

@@ -8,9 +8,17 @@
 * :meth:`CpuArrayLib.dequantize`: widening rows (those tiles, GET_ROWS) runs
   the type's numba decoder on every thread; types without one use gguf's
   reference decoder.
+
+Kernels compile in the background when the device is created
+(:func:`rpcserver_cpu.kernels.launch.warm_up`); until a kernel is ready the
+shared code computes its cases, so no request waits for the compiler.
+``RPCSERVER_CPU_WAIT_FOR_KERNELS=1`` makes requests wait instead (the test
+suite sets it, so the kernels are what it checks).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -24,11 +32,16 @@ from .kernels.launch import launch
 MMV_MAX_COLS = 8
 
 
+def _wait_for_kernels() -> bool:
+    return os.environ.get("RPCSERVER_CPU_WAIT_FOR_KERNELS", "") not in ("", "0")
+
+
 class CpuArrayLib(ArrayLib):
     name = "numpy+numba"
 
     def __init__(self, threads: int):
         self.threads = threads
+        self.wait = _wait_for_kernels()
 
     def weight_product(self, ctx, w, b):
         k = kernels.BLOCK_KERNELS.get(w.type.value)
@@ -40,9 +53,11 @@ class CpuArrayLib(ArrayLib):
         rows = self.view(w.buffer, w.offset, (m, w.type.row_size(n_k)), (w.nb[1], 1), np.uint8)
         x = np.ascontiguousarray(b.reshape(n_cols, n_k), dtype=np.float32)
         xs = np.empty((n_cols, n_k // 16), np.float32)
-        launch(kernels.sums_of_16, None, x, xs, threads=self.threads)
         out = np.empty((n_cols, m), np.float32)
-        launch(kernels.mul_mat_vec, w.type.value, rows, x, xs, out, threads=self.threads)
+        if not (launch(kernels.sums_of_16, None, x, xs, threads=self.threads, wait=self.wait)
+                and launch(kernels.mul_mat_vec, w.type.value, rows, x, xs, out,
+                           threads=self.threads, wait=self.wait)):
+            return None  # still compiling: the shared tiled path computes it meanwhile
         return out.reshape(tuple(b.shape[:-1]) + (m,))
 
     def dequantize(self, raw_rows, type_value: int):
@@ -52,6 +67,7 @@ class CpuArrayLib(ArrayLib):
             return super().dequantize(raw_rows, type_value)
         rows = raw_rows.reshape(-1, row_bytes)
         out = np.empty((rows.shape[0], row_bytes // k.nbytes * k.block), np.float32)
-        if rows.shape[0]:
-            launch(kernels.dequantize_rows, type_value, rows, out, threads=self.threads)
+        if rows.shape[0] and not launch(kernels.dequantize_rows, type_value, rows, out,
+                                        threads=self.threads, wait=self.wait):
+            return super().dequantize(raw_rows, type_value)  # still compiling
         return out.reshape(tuple(raw_rows.shape[:-1]) + (out.shape[1],))
