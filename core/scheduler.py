@@ -40,6 +40,9 @@ class DeviceQueue:
                 fut.set_result(fn(*args))
             except BaseException as exc:  # handed to the waiting session
                 fut.set_exception(exc)
+            # Drop the finished job now, not when the next one arrives: its graph holds views
+            # of the session's buffers, which would stay mapped after the client left.
+            del item, fut, fn, args
 
     def stop(self):
         self._queue.put(None)

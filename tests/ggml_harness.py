@@ -508,10 +508,6 @@ def serialize_graph(graph: int, *, remote_buffer: int, remote_base: int):
     return nodes, tensors
 
 
-#: freed rpcserver buffers, kept as (empty) objects so that no later buffer reuses
-#: their id(): the executor's conversion cache keys entries on id(buffer)
-_RETIRED: list = []
-
 #: the devices every conformance test runs on (the ``device`` fixture in conftest.py):
 #: the CPU plugin's NumPy device and the Metal plugin's MLX device on the CPU
 DEVICE_NAMES = ("CPU", "MLX-CPU", "CUDA-host")
@@ -622,7 +618,6 @@ def run_ours(device, graph_ptr: int, snapshot: bytes, outputs, *, native: bool =
     finally:
         forget_buffer(buffer)  # what a session does before freeing: drop its prepared forms
         buffer.free()
-        _RETIRED.append(buffer)
     by_id = {r.id: r for r in tensors}
     run = OursRun(image, [], by_id, base)
     for t in outputs:
