@@ -178,7 +178,7 @@ class NumpyCupy(types.ModuleType):
         return np.asarray(a)
 
     def get_default_memory_pool(self):
-        return types.SimpleNamespace(free_bytes=lambda: 0)
+        return types.SimpleNamespace(free_bytes=lambda: 0, free_all_blocks=lambda stream=None: None)
 
     def RawModule(self, code, options=()):  # noqa: N802 - CuPy's name
         """The module compiled for the host; its kernels count their launches."""

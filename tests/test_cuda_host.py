@@ -229,15 +229,17 @@ def test_asan_reports_a_kernel_reading_past_its_array():
 
 
 def test_kernels_stay_inside_buffers_under_asan():
-    """Every kernel test on the stand-in, and the hostile-input suite against CUDA-host, in a
-    process running under AddressSanitizer: on a GPU an out-of-bounds read would be an illegal
-    address that takes the CUDA context, and every client, down with it. Here the kernels read
-    buffers allocated to their exact size, so one byte too far is reported."""
+    """Every kernel test on the stand-in (weight products of expert views included), and the
+    hostile-input suite against CUDA-host, in a process running under AddressSanitizer: on a
+    GPU an out-of-bounds read would be an illegal address that takes the CUDA context, and
+    every client, down with it. Here the kernels read buffers allocated to their exact size,
+    so one byte too far is reported."""
     # (the 64-query attention cases take the same code paths as the 7-query ones, at 5 s each
     # under ASan, whose longjmp interceptor makes system calls at every fiber switch)
     res = _under_asan(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                        "tests/test_cuda_rope.py", "tests/test_cuda_flash_attn.py",
-                       "tests/test_cuda_plugin.py", "tests/test_hostile.py",
+                       "tests/test_cuda_plugin.py", "tests/test_cuda_weights.py",
+                       "tests/test_hostile.py",
                        "-k", "(numpy-cupy or CUDA-host) and not batch64"], timeout=1500)
     report = res.stdout[-4000:] + res.stderr[-6000:]
     assert "AddressSanitizer" not in report, report

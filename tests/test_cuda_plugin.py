@@ -414,7 +414,9 @@ def test_op_routes_name_real_kernels_and_overrides():
         assert int(op) in OP_TABLE, f"{op_name} has no shared implementation to fall back on"
         assert route.path in dispatch.PATHS
         if route.path == dispatch.KERNEL:
-            assert int(op) in ops.OVERRIDES, op_name
+            # an op override, or (weight products) the shared op calling weight_product
+            assert route.hook in (dispatch.OVERRIDE, dispatch.WEIGHT_PRODUCT), op_name
+            assert (int(op) in ops.OVERRIDES) == (route.hook == dispatch.OVERRIDE), op_name
             assert route.fallback == dispatch.CUPY and route.family in dispatch.KERNEL_FAMILIES
             assert route.kernels
             for ref in route.kernels:
@@ -422,13 +424,26 @@ def test_op_routes_name_real_kernels_and_overrides():
                 assert f'extern "C" __global__ void {fn}(' in sources[module], ref
         else:
             assert int(op) not in ops.OVERRIDES, op_name
+            assert route.hook is None, op_name
     for op in ops.OVERRIDES:
-        assert dispatch.OPS[ggml.op_name(op)].path == dispatch.KERNEL
+        route = dispatch.OPS[ggml.op_name(op)]
+        assert route.path == dispatch.KERNEL and route.hook == dispatch.OVERRIDE
+    # the weight-product routes are the ones the shared code sends through weight_product
+    from rpcserver_cuda.arraylib import CudaArrayLib
+    from rpcserver.executor import ArrayLib
+
+    assert CudaArrayLib.weight_product is not ArrayLib.weight_product
+    assert {n for n, r in dispatch.OPS.items() if r.hook == dispatch.WEIGHT_PRODUCT} == {
+        "MUL_MAT", "MUL_MAT_ID"}
+    assert int(ggml.Op.MUL_MAT) not in ops.OVERRIDES  # the shared MUL_MAT runs, and tiles
     for route in dispatch.DEQUANTIZE.values():
         for ref in route.kernels:
             module, fn = ref.split(":")
             assert f'extern "C" __global__ void {fn}(' in sources[module], ref
     assert "MUL_MAT" in dispatch.describe()
+    # no route still promises float32 copies kept for later
+    for route in list(dispatch.OPS.values()) + list(dispatch.DEQUANTIZE.values()):
+        assert "cached" not in route.note, route.note
 
 
 @pytest.mark.parametrize("value, family, on", [
@@ -457,7 +472,7 @@ def test_graph_plan_tries_the_cuda_kernels_first_and_falls_back():
     from rpcserver import executor
 
     calls = []
-    shared_mm = lambda ctx: calls.append(("shared", "mul_mat"))  # noqa: E731
+    shared_norm = lambda ctx: calls.append(("shared", "rms_norm"))  # noqa: E731
     decisions = iter([True, False])
 
     def fake_kernel(ctx):
@@ -465,10 +480,10 @@ def test_graph_plan_tries_the_cuda_kernels_first_and_falls_back():
         calls.append(("kernel", handled))
         return handled
 
-    impl = executor._with_fallback(fake_kernel, shared_mm)
+    impl = executor._with_fallback(fake_kernel, shared_norm)
     impl(None)
     impl(None)
-    assert calls == [("kernel", True), ("kernel", False), ("shared", "mul_mat")]
+    assert calls == [("kernel", True), ("kernel", False), ("shared", "rms_norm")]
     assert ops.OVERRIDES and all(int(op) in ops.OVERRIDES for op in ops.OVERRIDES)
 
 
@@ -788,7 +803,9 @@ GPU_MUL_MAT_TYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q2_K
 @pytest.mark.parametrize("n", [1, 5, 64], ids=["vec", "few", "gemm"])
 @pytest.mark.parametrize("wtype", GPU_MUL_MAT_TYPES)
 def test_gpu_mul_mat(cuda, wtype, n):
-    """n <= 8: the fused quantized mat-vec kernel; n = 64: dequantized weights and cuBLAS."""
+    """At most 8 columns (n = 1: 2 columns): the fused quantized mat-vec kernel on the blocks in
+    place, via CudaArrayLib.weight_product; more (n = 5: 10, n = 64: 128): the weights widened a
+    tile of rows at a time by the dequantize kernel, and cuBLAS."""
     import ggml_harness as H
 
     H.require_ggml()
@@ -800,8 +817,11 @@ def test_gpu_mul_mat(cuda, wtype, n):
         case.check(cuda, [out], max_nmse=5e-4)  # test-backend-ops' MUL_MAT bound
     spec = kernels.QUANT_SPECS.get(wtype)
     if spec is not None and isinstance(cuda.cupy, NumpyCupy):  # the route the dispatch table names
-        used = spec.mul_mat_vec_kernel if 2 * n <= kernels.MMV_MAX_COLS else spec.dequantize_kernel
+        fused = 2 * n <= kernels.MMV_MAX_COLS
+        used, unused = ((spec.mul_mat_vec_kernel, spec.dequantize_kernel) if fused
+                        else (spec.dequantize_kernel, spec.mul_mat_vec_kernel))
         assert launches(cuda, used) >= 1, f"{used} was not launched"
+        assert launches(cuda, unused) == -1, f"{unused} ran too"
 
 
 def test_gpu_elementwise_norm_softmax_rope_getrows_cpy(cuda):

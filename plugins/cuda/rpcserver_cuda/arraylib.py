@@ -39,22 +39,34 @@ class KernelCache:
 
 
 class CudaArrayLib(ArrayLib):
-    """``xp = cupy``; buffers viewed in place; dequantization by the generated kernels."""
+    """``xp = cupy``; buffers viewed in place; dequantization by the generated kernels.
+
+    Weights stay in their ggml type in device memory. :meth:`weight_product` reads quantized
+    weights in place for a few columns (decode); larger products return None and the shared
+    code widens the weights a tile of rows at a time into scratch (within the device's
+    ``scratch_bytes``, :mod:`rpcserver.device_state`) and multiplies with cuBLAS. No float32
+    copy of a weight outlives the op.
+    """
 
     name = "cupy"
     views_alias = True
 
     def __init__(self, device):
-        from .ops import OVERRIDES
+        from . import ops
 
         self.device = device
         self.cupy = device.cupy
         self.xp = device.cupy
         self.kernels = KernelCache(device.cupy)
-        self.op_overrides = OVERRIDES  # the generated kernels, tried before the shared ops
+        self._ops = ops
+        self.op_overrides = ops.OVERRIDES  # the generated kernels, tried before the shared ops
 
     def bytes_of(self, buffer):
         return buffer.array
+
+    def weight_product(self, ctx, w, b):
+        """The fused quantized mat-vec kernel where it applies (ops.mul_mat_vec), else None."""
+        return self._ops.mul_mat_vec(ctx, w, b)
 
     def view(self, buffer, offset, shape, strides, dtype):
         cp = self.cupy

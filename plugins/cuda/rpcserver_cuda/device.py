@@ -58,6 +58,34 @@ MIB = 1 << 20
 MAX_TRANSFER = 64 * MIB
 #: pinned staging areas kept for reuse, per device (bytes); larger sets are trimmed
 STAGING_POOL_BYTES = int(os.environ.get("RPCSERVER_CUDA_STAGING_MIB", "256")) * MIB
+#: bounds of a GPU's scratch budget (see :func:`scratch_bytes_for`)
+SCRATCH_MIN = 256 * MIB
+SCRATCH_MAX = 2048 * MIB
+
+
+def scratch_bytes_for(total: int) -> int:
+    """The scratch budget of a GPU with ``total`` bytes: 1/16 of it, within [256 MiB, 2 GiB].
+
+    Scratch holds the float32 tile of a weight that a prompt-size product widens before
+    cuBLAS multiplies it (rpcserver.ops.matmul.mul_mat_tiled); GET_DEVICE_MEMORY reserves
+    the whole budget, so it is memory the client cannot place layers in. Why these figures:
+
+    * Efficiency needs tiles of a few thousand rows: a tile is then a GEMM of
+      rows x K x n_tokens, far above the size where cuBLAS reaches its throughput, and the
+      dequantization kernel that fills it is memory-bound whatever its size. 256 MiB holds
+      16384 rows at K = 4096 (a whole 7B-8B weight matrix in one tile, a 128k-row output
+      projection in 8) and still 2340 rows at K = 28672 (the widest FFN in common models),
+      so even the floor never makes a product launch-bound. It is also the floor because a
+      small card's 1/16 would fall below it.
+    * 1/16 (about 6%) of the card keeps the reserve of the order of the compute buffers
+      llama.cpp allocates for prompt processing anyway (hundreds of MiB to a few GiB), so
+      layer placement moves by a layer or two at most.
+    * Above 2 GiB a bigger tile only saves a few launches per matrix (2 GiB widens a
+      K = 8192 matrix of 65536 rows whole), while the reserve keeps growing with the card.
+
+    ``RPCSERVER_SCRATCH_MIB`` still overrides it (rpcserver.device_state).
+    """
+    return max(SCRATCH_MIN, min(SCRATCH_MAX, int(total) // 16))
 
 
 def _size_class(n: int) -> int:
@@ -198,7 +226,7 @@ class CudaBuffer(Buffer):
                 stream.synchronize()
 
     def free(self):
-        # (the session drops the executor's cached conversions of this buffer first)
+        # (the session drops what the core prepared from this buffer first)
         self.array = None
         memory, self._memory = self._memory, None
         if memory is not None:
@@ -225,6 +253,8 @@ class CudaDevice(Device):
         self._staging = None
         self._array_lib = None
         self._ops = None
+        #: scratch for widened weight tiles (the core's DeviceState reads it on first use)
+        self.scratch_bytes = scratch_bytes_for(info.total_memory)
 
     # -- CUDA context helpers ----------------------------------------------------------------
 
@@ -265,6 +295,13 @@ class CudaDevice(Device):
     # -- the Device interface ------------------------------------------------------------------
 
     def memory(self):
+        """(free, total) from ``cudaMemGetInfo``, free plus what CuPy's pool holds unused.
+
+        The pool's unused blocks are mostly scratch of past products (widened weight tiles,
+        temporaries); the next op reuses them, and :meth:`alloc_buffer` hands them back to
+        the driver when a buffer would not fit otherwise, so they are free to the client. The
+        session then subtracts the scratch budget ops may still take (DeviceState.reported_free).
+        """
         with self.activate():
             free, total = self.runtime.memGetInfo()
             try:  # memory CuPy's pool holds but does not use is free for our purposes
@@ -274,18 +311,39 @@ class CudaDevice(Device):
         return int(free), int(total)
 
     def alloc_buffer(self, size):
+        memory = self._cuda_malloc(size)
+        if memory is None and self._release_pool():
+            # memory() counts what CuPy's pool holds unused (scratch tiles of past products) as
+            # free, so the client may ask for it: hand it back to the driver and try again
+            memory = self._cuda_malloc(size)
+        if memory is None:
+            return None  # the session logs the failed ALLOC_BUFFER
+        return CudaBuffer(self, size, memory)
+
+    def _cuda_malloc(self, size):
+        """A ``cudaMalloc`` of ``size`` bytes (outside CuPy's pool), or None when out of memory."""
         cp = self.cupy
         try:
             with self.activate():
-                memory = cp.cuda.memory.Memory(size)
+                return cp.cuda.memory.Memory(size)
         except (cp.cuda.memory.OutOfMemoryError, MemoryError):
             return None
         except cp.cuda.runtime.CUDARuntimeError as exc:
             if getattr(exc, "status", None) == 2:  # cudaErrorMemoryAllocation
-                log.warning("%s: out of memory allocating %d bytes", self.name, size)
                 return None
             raise
-        return CudaBuffer(self, size, memory)
+
+    def _release_pool(self) -> bool:
+        """Return the blocks CuPy's memory pool holds unused to the driver; whether there were any."""
+        try:
+            with self.activate():
+                pool = self.cupy.get_default_memory_pool()
+                if not pool.free_bytes():
+                    return False
+                pool.free_all_blocks()
+            return True
+        except Exception:  # noqa: BLE001 - an older CuPy, a stand-in: nothing to release
+            return False
 
     def graph_compute(self, graph):
         from .ops import run_graph

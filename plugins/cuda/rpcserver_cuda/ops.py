@@ -3,9 +3,10 @@
 :func:`run_graph` runs the shared executor. ``CudaArrayLib.op_overrides`` hands it
 :data:`OVERRIDES`: the executor's plan tries the plugin's kernel for those ops first
 and, when the kernel does not cover the node (types, layout, sizes), runs the
-shared implementation. Everything else is the shared
-implementation with ``xp = cupy``. The routes are listed in
-:mod:`rpcserver_cuda.dispatch`.
+shared implementation. Products with weights in their ggml type (MUL_MAT, each expert
+of MUL_MAT_ID) reach :func:`mul_mat_vec` through ``CudaArrayLib.weight_product``
+instead. Everything else is the shared implementation with ``xp = cupy``. The routes
+are listed in :mod:`rpcserver_cuda.dispatch`.
 
 No CuPy import at module level: the CuPy module comes from the device.
 """
@@ -60,32 +61,37 @@ def _ptr_array(tv):
     return tv.buffer.array[tv.offset:]
 
 
-# ------------------------------------------------------------------------------ MUL_MAT
+# ------------------------------------------------------------------------------ weight products
 
 
-def mul_mat_vec(ctx) -> bool:
-    """Quantized 2-D weights times a few float columns, dequantizing inside the dot products."""
-    w, x, dst = ctx.src(0), ctx.src(1), ctx.dst
+def mul_mat_vec(ctx, w, b):
+    """``b @ w^T`` for quantized 2-D weights ``w`` and a few float32 rows ``b``, dequantizing
+    inside the dot products (the weight type's fused ``rpc_mul_mat_vec`` kernel), or None
+    where the kernel does not apply: the shared code then widens ``w`` a tile of rows at a
+    time into scratch and multiplies with cuBLAS (rpcserver.ops.matmul.mul_mat_tiled).
+
+    ``CudaArrayLib.weight_product``, so MUL_MAT and each expert of MUL_MAT_ID use it: ``w`` is
+    a 2-D TensorView of any type but F32, ``b`` shape (..., N, K); the result (..., N, M).
+    """
     spec = kernels.QUANT_SPECS_BY_VALUE.get(w.type.value)
-    if spec is None or w.buffer is None or dst.buffer is None or x.buffer is None:
-        return False
+    if spec is None or w.buffer is None:
+        return None
     k, m = w.ne[0], w.ne[1]
-    n_cols = x.ne[1] * x.ne[2] * x.ne[3]
-    if (w.ne[2] != 1 or w.ne[3] != 1 or not 0 < n_cols <= kernels.MMV_MAX_COLS
-            or x.ne[0] != k or k % spec.block_size or w.nb[0] != spec.type_size
-            or tuple(dst.ne) != (m, x.ne[1], x.ne[2], x.ne[3]) or m == 0
-            or k >= 2**31 or m >= 2**31):
-        return False
+    if (w.ne[2] != 1 or w.ne[3] != 1 or b.ndim < 1 or b.shape[-1] != k or k == 0 or m == 0
+            or k % spec.block_size or w.nb[0] != spec.type_size or k >= 2**31 or m >= 2**31):
+        return None
+    n_cols = b.size // k
+    if not 0 < n_cols <= kernels.MMV_MAX_COLS:
+        return None
     kern = _get_kernel(ctx, "mul_mat_vec", f"quant_{spec.ident}", spec.mul_mat_vec_kernel)
     if kern is None:
-        return False
+        return None
     cp = ctx.xp
-    xs = cp.ascontiguousarray(ctx.f32(x).reshape(n_cols, k), dtype=cp.float32)
+    xs = cp.ascontiguousarray(b.reshape(n_cols, k), dtype=cp.float32)
     y = cp.empty((n_cols, m), dtype=cp.float32)
     kern((m,), (kernels.MMV_THREADS,),
          (_ptr_array(w), np.int64(w.nb[1]), xs, y, np.int32(k), np.int32(m), np.int32(n_cols)))
-    ctx.store(y.reshape(dst.shape))
-    return True
+    return y.reshape(tuple(b.shape[:-1]) + (m,))
 
 
 # ------------------------------------------------------------------------------ row kernels
@@ -154,9 +160,10 @@ def soft_max(ctx) -> bool:
     return True
 
 
-#: op -> kernel attempt ``fn(ctx) -> bool`` (False: not covered, run the shared implementation)
+#: op -> kernel attempt ``fn(ctx) -> bool`` (False: not covered, run the shared implementation).
+#: MUL_MAT and MUL_MAT_ID are not here: they are the shared code, whose weight products reach
+#: :func:`mul_mat_vec` through ``CudaArrayLib.weight_product``
 OVERRIDES = {
-    int(Op.MUL_MAT): mul_mat_vec,
     int(Op.RMS_NORM): rms_norm,
     int(Op.SOFT_MAX): soft_max,
     int(Op.ROPE): rope_kernel.rope,
