@@ -8,6 +8,11 @@ F16C. Kernels are compiled with :data:`KERNEL_OPTIONS`: cached on disk
 (re-associated float sums, so reductions vectorise; the results still differ
 from exact arithmetic only by float32 rounding).
 
+The disk cache is keyed by all of this package's sources, not only the file of
+the kernel: the kernels in ``blocks.py`` inline the type functions of the
+other modules, and numba's own key (the kernel file's modification time)
+would keep serving machine code built from an older ``legacy.py``.
+
 Threads: numba's ``workqueue`` layer, unless ``NUMBA_THREADING_LAYER`` says
 otherwise. GNU OpenMP (numba's default where it is installed) hangs a
 process that forks after a parallel region, and the server's tests fork
@@ -18,12 +23,51 @@ not on the loader's path. workqueue is fork-safe and not thread-safe, so
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import numba
 from llvmlite import ir
 from numba import njit, types
+from numba.core import caching
 from numba.extending import intrinsic
+
+_KERNELS_DIR = Path(__file__).resolve().parent
+
+
+def _sources_stamp() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(_KERNELS_DIR.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+_SOURCES_STAMP = _sources_stamp()
+
+
+class _KernelSources:
+    """Mixin for numba cache locators: this package's functions, stamped by all its sources."""
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if Path(py_file).resolve().parent != _KERNELS_DIR:
+            return None
+        return super().from_function(py_func, py_file)
+
+    def get_source_stamp(self):
+        return _SOURCES_STAMP
+
+
+class _InTreeLocator(_KernelSources, caching.InTreeCacheLocator):
+    pass
+
+
+class _UserWideLocator(_KernelSources, caching.UserWideCacheLocator):
+    pass
+
+
+caching.CacheImpl._locator_classes[:0] = [_InTreeLocator, _UserWideLocator]
 
 if not os.environ.get("NUMBA_THREADING_LAYER"):
     numba.config.THREADING_LAYER = "workqueue"
