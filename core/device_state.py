@@ -8,7 +8,9 @@ buffer. The one thing kept across graphs is a *prepared form*, an
 alternative encoding of a weight tensor that a device's kernels read faster
 (MLX's affine scales and biases, for instance). Prepared forms are keyed by
 the buffer's serial and write generation, so any write from the network
-invalidates them, and are dropped when the buffer is freed.
+invalidates them, and are dropped when the buffer is freed. A buffer a graph
+writes into (a compute buffer, a KV cache) gets none: the executor reports
+every such write (:meth:`DeviceState.graph_wrote`).
 
 Both are counted, so ``GET_DEVICE_MEMORY`` tells the client the truth:
 :meth:`DeviceState.reported_free` subtracts the scratch an op may still take
@@ -21,6 +23,7 @@ objects: :func:`state_of` finds (or makes) it.
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import weakref
@@ -58,6 +61,10 @@ class DeviceState:
         self.scratch_peak = 0
         self._prepared: dict[tuple, tuple[object, int]] = {}
         self.prepared_bytes = 0
+        #: buffer serial -> sorted, disjoint byte ranges graph nodes write (compute buffers,
+        #: KV caches): those bytes change without a write from the network, so no prepared
+        #: form is made from them
+        self._graph_written: dict[int, list[tuple[int, int]]] = {}
         self._lock = threading.Lock()
 
     # -- scratch ------------------------------------------------------------------
@@ -82,36 +89,53 @@ class DeviceState:
 
     # -- prepared forms --------------------------------------------------------------
 
-    def prepared(self, buffer, key: tuple, make, *, counted_by_device: bool = True):
-        """The prepared form of ``buffer``'s contents stored under ``key`` (say, an offset, type
-        and shape), made by ``make() -> (value, nbytes)`` on first use.
+    def prepared(self, buffer, span: tuple[int, int], key: tuple, make, *,
+                 counted_by_device: bool = True):
+        """The prepared form of ``buffer``'s bytes ``span`` = [start, stop) stored under ``key``
+        (say, a type and shape), made by ``make() -> (value, nbytes)`` on first use; None when
+        a graph writes into those bytes (see :meth:`graph_wrote`): the caller computes without.
 
         Forms made before the buffer's latest write from the network are stale: they are
         dropped, and the form is made again. ``counted_by_device``: the form lives in memory
         the device's own ``memory()`` already reports as used (False for a form the device
         cannot see, e.g. host memory of a GPU device).
         """
-        full = (buffer.serial, buffer.generation) + tuple(key)
+        full = (buffer.serial, buffer.generation, tuple(span)) + tuple(key)
         with self._lock:
+            if _overlaps(self._graph_written.get(buffer.serial, ()), span):
+                return None
             hit = self._prepared.get(full)
         if hit is not None:
             return hit[0]
         value, nbytes = make()
         with self._lock:
-            for old in [k for k in self._prepared if k[0] == buffer.serial and k[1] != buffer.generation]:
-                self.prepared_bytes -= self._prepared.pop(old)[1]
+            self._drop_locked(lambda k: k[0] == buffer.serial and k[1] != buffer.generation)
             if full not in self._prepared:
                 counted = 0 if counted_by_device else nbytes
                 self._prepared[full] = (value, counted)
                 self.prepared_bytes += counted
             return self._prepared[full][0]
 
-    def drop_buffer(self, serial: int) -> None:
-        """Forget every prepared form made from the buffer with this serial."""
+    def graph_wrote(self, buffer, start: int, stop: int) -> None:
+        """A graph node writes ``buffer``'s bytes [start, stop): forms made from them are
+        dropped, and none is made from them from now on."""
         with self._lock:
-            for key in [k for k in self._prepared if k[0] == serial]:
-                _, n = self._prepared.pop(key)
-                self.prepared_bytes -= n
+            ranges = self._graph_written.setdefault(buffer.serial, [])
+            if _covered(ranges, start, stop):
+                return
+            _insert(ranges, start, stop)
+            self._drop_locked(lambda k: k[0] == buffer.serial and _overlaps([(start, stop)], k[2]))
+
+    def drop_buffer(self, serial: int) -> None:
+        """Forget the buffer with this serial (it is being freed) and its prepared forms."""
+        with self._lock:
+            self._graph_written.pop(serial, None)
+            self._drop_locked(lambda k: k[0] == serial)
+
+    def _drop_locked(self, which) -> None:
+        for key in [k for k in self._prepared if which(k)]:
+            _, n = self._prepared.pop(key)
+            self.prepared_bytes -= n
 
     def prepared_count(self) -> int:
         with self._lock:
@@ -124,6 +148,32 @@ class DeviceState:
         with self._lock:
             reserve = max(0, self.scratch_budget - self.scratch_in_use) + self.prepared_bytes
         return max(0, free - reserve)
+
+
+def _overlaps(ranges, span) -> bool:
+    """Whether [span) meets any of the sorted disjoint ``ranges``."""
+    start, stop = span
+    i = bisect.bisect_right(ranges, (start, float("inf"))) - 1
+    if i >= 0 and ranges[i][1] > start:
+        return True
+    return i + 1 < len(ranges) and ranges[i + 1][0] < stop
+
+
+def _covered(ranges, start: int, stop: int) -> bool:
+    i = bisect.bisect_right(ranges, (start, float("inf"))) - 1
+    return i >= 0 and ranges[i][0] <= start and ranges[i][1] >= stop
+
+
+def _insert(ranges, start: int, stop: int) -> None:
+    """Add [start, stop) to the sorted disjoint ``ranges``, merging what it touches."""
+    lo = bisect.bisect_left(ranges, (start, start))
+    if lo > 0 and ranges[lo - 1][1] >= start:
+        lo -= 1
+    hi = lo
+    while hi < len(ranges) and ranges[hi][0] <= stop:
+        start, stop = min(start, ranges[hi][0]), max(stop, ranges[hi][1])
+        hi += 1
+    ranges[lo:hi] = [(start, stop)]
 
 
 _states: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -365,7 +365,11 @@ class GraphPlan:
             override = lib.op_overrides.get(node.op)
             if override is not None:
                 impl = _with_fallback(override, impl)
-            self.steps.append((impl, NodeContext(device, lib, node, state)))
+            ctx = NodeContext(device, lib, node, state)
+            if ctx.dst.buffer is not None and node.ref.nbytes:
+                # however the op writes: no prepared forms from those bytes
+                state.graph_wrote(ctx.dst.buffer, node.ref.offset, node.ref.offset + node.ref.nbytes)
+            self.steps.append((impl, ctx))
 
     def run(self) -> None:
         for impl, ctx in self.steps:

@@ -125,3 +125,43 @@ def test_memset_and_clear_invalidate_too(server):
         c.set_tensor(x, 0, np.ones((2, 8), np.float32).tobytes())
         c.graph_recompute(0)
         assert np.frombuffer(c.get_tensor(out, 0, 32), np.float32).tolist() == [0.0] * 8
+
+
+class _FakeBuffer:
+    def __init__(self, serial):
+        self.serial, self.generation = serial, 0
+
+
+def test_prepared_forms_follow_writes():
+    """Forms are made once per (buffer, span, key), remade after a network write, never made
+    from bytes a graph writes (ranges merged as plans report them), dropped on free."""
+    from rpcserver.device_state import DeviceState
+
+    state = DeviceState(object(), scratch_budget=1 << 20)
+    buf = _FakeBuffer(1)
+    made = []
+
+    def make(tag):
+        def fn():
+            made.append(tag)
+            return tag, 100
+        return fn
+
+    assert state.prepared(buf, (0, 64), ("q",), make("a")) == "a"
+    assert state.prepared(buf, (0, 64), ("q",), make("b")) == "a" and made == ["a"]
+    buf.generation += 1  # a SET_TENSOR into the buffer
+    assert state.prepared(buf, (0, 64), ("q",), make("c")) == "c"
+    assert state.prepared_count() == 1  # the stale form went
+    state.graph_wrote(buf, 200, 300)
+    state.graph_wrote(buf, 300, 310)  # touching: merged into [200, 310)
+    state.graph_wrote(buf, 100, 120)
+    assert state.prepared(buf, (0, 64), ("q",), make("d")) == "c"  # disjoint: kept
+    for span in [(110, 130), (0, 101), (305, 400), (250, 260), (119, 201)]:
+        assert state.prepared(buf, span, ("q",), make("x")) is None, span
+    assert state.prepared(buf, (120, 200), ("q",), make("e")) == "e"  # the gap between
+    state.graph_wrote(buf, 50, 60)  # a graph now writes into the first form's bytes
+    assert state.prepared(buf, (0, 64), ("q",), make("f")) is None
+    assert state.prepared_count() == 1
+    state.drop_buffer(buf.serial)
+    assert state.prepared_count() == 0
+    assert state.prepared(buf, (0, 64), ("q",), make("g")) == "g"  # a new buffer, same serial
