@@ -11,7 +11,11 @@
 Graphs run on rpcserver's shared executor with MLX as the array library
 (:mod:`rpcserver_metal.arraylib`); buffers are lists of MLX arrays
 (:mod:`rpcserver_metal.buffer`); each graph is built lazily and evaluated with
-one ``mx.eval`` (:mod:`rpcserver_metal.device`).
+one ``mx.eval`` (:mod:`rpcserver_metal.device`). Weights stay in their ggml type: the types
+that are MLX affine quantization exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) are
+multiplied with ``mx.quantized_matmul`` on a repacked form the core keeps per weight, the
+others widened a bounded tile of rows at a time by MLX dequantizers
+(:mod:`rpcserver_metal.quants`, :meth:`rpcserver_metal.arraylib.MlxArrayLib.weight_product`).
 
 MLX is imported when devices are enumerated, not when the plugin is loaded:
 without it the backend lists no devices and says why.

@@ -34,7 +34,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from rpcserver.executor import ArrayLib
+from rpcserver import ggml
+from rpcserver.executor import ArrayLib, storage_dtype
+
+from . import quants
 
 _NUMPY_TO_MLX = {
     np.dtype(np.bool_): mx.bool_,
@@ -45,6 +48,16 @@ _NUMPY_TO_MLX = {
     np.dtype(np.float16): mx.float16, np.dtype(np.float32): mx.float32,
     np.dtype(np.float64): mx.float64,
 }
+
+
+#: ``mx.depends`` (orders lazily built work) exists in this MLX
+_HAS_DEPENDS = hasattr(mx, "depends")
+
+#: what widening a tile of weights holds at once, in float32 tiles: the tile and the
+#: dequantizer's intermediates (measured on MLX's CPU, each tile's product evaluated before the
+#: next: 1.5 to 4.7 tiles, Q6_K and Q3_K the most). Tiles are sized so that this, not the bare
+#: tile, fits the scratch budget.
+TILE_FOOTPRINT = 4
 
 
 def mlx_dtype(dtype):
@@ -236,6 +249,9 @@ class MlxArrayLib(ArrayLib):
 
     def __init__(self, float64: bool = True):
         self.xp = MlxNamespace(float64=float64)
+        #: the latest widened tile's product in the graph being built: the next tile waits for
+        #: it (see :meth:`weight_product`); reset when the graph has been evaluated
+        self._last_tile_product = None
 
     def bytes_of(self, buffer):
         return buffer.span(0, buffer.size)
@@ -255,5 +271,108 @@ class MlxArrayLib(ArrayLib):
         return a if isinstance(a, mx.array) else self.xp.asarray(a)
 
     def dequantize(self, raw_rows, type_value: int):
-        # gguf's NumPy dequantizers, on the host; the result is cached per weight by the executor
-        return self.from_numpy(super().dequantize(raw_rows, type_value))
+        """Quantized rows -> float32: MLX operations for the common types (lazy, on the
+        graph's device: :func:`rpcserver_metal.quants.dequantize`), gguf's NumPy dequantizers
+        on the host for the rest. Either way only the rows given (a tile, or GET_ROWS' rows)
+        are widened, for the op that asked; nothing is kept."""
+        info = ggml.TYPES[type_value]
+        raw = raw_rows if isinstance(raw_rows, mx.array) else mx.array(np.asarray(raw_rows))
+        out = quants.dequantize(raw, info)
+        if out is not None:
+            return out
+        return self.from_numpy(super().dequantize(raw, type_value))
+
+    def weight_product(self, ctx, w, b):
+        """``b @ w^T`` for a 2-D weight in its own type (see ``ArrayLib.weight_product``).
+
+        * The ggml types that are MLX affine quantization exactly
+          (:data:`rpcserver_metal.quants.AFFINE_BITS`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+          Q5_K): ``mx.quantized_matmul`` on the weight's affine form. The form (packed
+          ``uint32`` values, float32 scales and biases: 1.17-1.33 times the ggml blocks;
+          never float32 weights) is made once per weight and kept by the core
+          (``ctx.state.prepared``), which drops it when the buffer is written from the network
+          or freed.
+        * Everything else (and those types in a buffer graphs write into, which the core gives
+          no prepared forms: ``DeviceState.graph_wrote``): the weight widened
+          a tile of rows at a time, as the shared code does, but with the product of each tile
+          evaluated before the next tile is built. MLX evaluates lazily, and allocates the
+          outputs of the operations it queues ahead of running them: left to the end of the
+          graph, every tile of the shared loop is widened before the first product runs, the
+          whole weight in float32 at once. A weight that fits one tile stays lazy (its tile
+          waits for the previous tiled product, ``mx.depends``), so a graph is still one
+          ``mx.eval`` unless it widens a weight larger than the scratch budget.
+        """
+        buf = w.buffer
+        if buf is None or w.ne[2] != 1 or w.ne[3] != 1 or w.nb[0] != w.type.type_size:
+            return None
+        k, m = int(w.ne[0]), int(w.ne[1])
+        if k == 0 or m == 0:
+            return None
+        bits = quants.AFFINE_BITS.get(w.type.value)
+        if bits is not None and k % quants.GROUP == 0:
+            out = self._affine_product(ctx, w, b, bits)
+            if out is not None:
+                return out
+        return self._tiled_product(ctx, w, b)
+
+    def _rows(self, w, start: int, stop: int):
+        """Rows ``start:stop`` of a 2-D weight in their storage form: uint8 blocks (quantized
+        types) or elements (plain types), as an MLX array (rows, row bytes or elements)."""
+        info = w.type
+        if info.is_quantized:
+            return w.buffer.view(w.offset + start * w.nb[1], (stop - start, info.row_size(w.ne[0])),
+                                 (w.nb[1], 1), mx.uint8)
+        dtype = mlx_dtype(storage_dtype(info.value))
+        return w.buffer.view(w.offset + start * w.nb[1], (stop - start, w.ne[0]), (w.nb[1], w.nb[0]),
+                             dtype)
+
+    def _affine_product(self, ctx, w, b, bits: int):
+        info = w.type
+        k, m = int(w.ne[0]), int(w.ne[1])
+
+        def make():
+            rows = lambda start, stop: np.array(self._rows(w, start, stop))  # noqa: E731
+            return quants.affine_form(rows, m, k, info.value, info.type_size, info.block_size)
+
+        span = (w.offset, w.offset + ggml.nbytes(info, w.ne, w.nb))
+        form = ctx.state.prepared(
+            w.buffer, span, (info.value, tuple(w.ne), tuple(w.nb), "mlx-affine"), make)
+        if form is None:  # bytes a graph writes into: no form (the caller widens tiles)
+            return None
+        wq, scales, biases = form
+        x = b if b.dtype == mx.float32 else b.astype(mx.float32)
+        return mx.quantized_matmul(x, wq, scales, biases, transpose=True,
+                                   group_size=quants.GROUP, bits=bits)
+
+    def _tiled_product(self, ctx, w, b):
+        k, m = int(w.ne[0]), int(w.ne[1])
+        info = w.type
+        flat = b.reshape(-1, k)
+        if flat.dtype != mx.float32:
+            flat = flat.astype(mx.float32)
+        on_host = info.is_quantized and info.value not in quants.NATIVE_DEQUANT
+        row_bytes = 4 * k * TILE_FOOTPRINT  # what widening one row holds, intermediates included
+        step = ctx.state.rows_per_tile(row_bytes, m)
+        parts = []
+        for start in range(0, m, step):
+            stop = min(m, start + step)
+            with ctx.state.scratch(row_bytes * (stop - start)):
+                raw = self._rows(w, start, stop)
+                if self._last_tile_product is not None and _HAS_DEPENDS:
+                    raw = mx.depends(raw, self._last_tile_product)
+                tile = (self.dequantize(raw, info.value) if info.is_quantized
+                        else ctx.widen(raw, info.value))
+                part = flat @ tile.T
+                if on_host or stop < m:
+                    # a tile widened on the host exists already, and MLX allocates the outputs
+                    # of the operations it has queued before running them: compute this
+                    # product now, so only one tile exists at a time
+                    mx.eval(part)
+            parts.append(part)
+            self._last_tile_product = part
+        out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+        return out.reshape(tuple(b.shape[:-1]) + (m,))
+
+    def graph_done(self) -> None:
+        """The device evaluated a graph: forget the last tile product it chained on."""
+        self._last_tile_product = None

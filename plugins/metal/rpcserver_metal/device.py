@@ -87,6 +87,7 @@ class MlxDevice(Device):
                     self.evaluate()
                 except Exception as exc:  # MLX reports some errors only when it evaluates
                     failed = exc
+                self.array_lib.graph_done()
             if failed is not None:
                 raise GraphError(f"{self.name}: MLX failed to evaluate the graph: "
                                  f"{type(failed).__name__}: {failed}") from failed
