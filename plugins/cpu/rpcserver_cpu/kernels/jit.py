@@ -59,6 +59,10 @@ class _KernelSources:
         return _SOURCES_STAMP
 
 
+class _UserProvidedLocator(_KernelSources, caching.UserProvidedCacheLocator):
+    pass
+
+
 class _InTreeLocator(_KernelSources, caching.InTreeCacheLocator):
     pass
 
@@ -67,7 +71,8 @@ class _UserWideLocator(_KernelSources, caching.UserWideCacheLocator):
     pass
 
 
-caching.CacheImpl._locator_classes[:0] = [_InTreeLocator, _UserWideLocator]
+# NUMBA_CACHE_DIR first, as numba's own order has it; then beside the sources; then ~/.cache
+caching.CacheImpl._locator_classes[:0] = [_UserProvidedLocator, _InTreeLocator, _UserWideLocator]
 
 if not os.environ.get("NUMBA_THREADING_LAYER"):
     numba.config.THREADING_LAYER = "workqueue"
