@@ -31,7 +31,7 @@ from numba import prange, types
 from numba.core import errors
 from numba.extending import overload
 
-from .jit import INLINE_OPTIONS, KERNEL_OPTIONS
+from .jit import INLINE_OPTIONS, KERNEL_OPTIONS, SERIAL_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -156,10 +156,12 @@ def dequantize_rows(kind, rows, out):
             block_decode(kind, row, b * nbytes, dst, b * block)
 
 
-@numba.njit(**KERNEL_OPTIONS)
+@numba.njit(**SERIAL_OPTIONS)
 def sums_of_16(x, xs):
-    """xs[n, i] = sum(x[n, 16 i : 16 i + 16]) (the ``xs`` argument of the block kernels)."""
-    for n in prange(x.shape[0]):
+    """xs[n, i] = sum(x[n, 16 i : 16 i + 16]) (the ``xs`` argument of the block kernels).
+
+    Serial: a few thousand additions, less than waking the parallel workers would cost."""
+    for n in range(x.shape[0]):
         for i in range(xs.shape[1]):
             s = np.float32(0)
             for j in range(16):
