@@ -8,7 +8,7 @@ that BLAS multiplies (prompt batches, GET_ROWS). Both are written once
 
 from __future__ import annotations
 
-from . import floats, legacy  # noqa: F401  (registration)
+from . import floats, kquants, legacy  # noqa: F401  (registration)
 from .blocks import BLOCK_KERNELS, BlockKernel, dequantize_rows, mul_mat_vec, sums_of_16
 
 __all__ = ["BLOCK_KERNELS", "BlockKernel", "dequantize_rows", "mul_mat_vec", "sums_of_16"]

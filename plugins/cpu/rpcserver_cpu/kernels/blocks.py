@@ -3,7 +3,7 @@
 A weight type is described by one :class:`BlockKernel`: its block geometry
 and two functions that the kernels here inline for it --
 
-* ``dot4(r0, r1, r2, r3, o, x, xs, xb)``: the dot products of the block at
+* ``dot4(kind, r0, r1, r2, r3, o, x, xs, xb)``: the dot products of the block at
   byte ``o`` of four weight rows with the activations ``x[xb : xb + block]``,
   scales applied, as a tuple of four float32. ``xs`` holds the sums of ``x``
   over each run of 16 elements (``xs[i] = sum(x[16 i : 16 i + 16])``), so a
