@@ -143,17 +143,17 @@ WARMER = Warmer()
 
 
 def warm_up() -> None:
-    """Queue every registered type's kernels, for the array layouts the plugin passes."""
+    """Queue every registered type's kernels, for packed weight rows (what llama.cpp's
+    tensors are). Rows with gaps between them (a view of a wider tensor) compile on first
+    use, in the background like these."""
     from .blocks import BLOCK_KERNELS, dequantize_rows, mul_mat_vec, sums_of_16
 
     x = np.zeros((1, 32), np.float32)
     xs = np.zeros((1, 2), np.float32)
     WARMER.request(_key(sums_of_16, None, (x, xs)), sums_of_16, None, _signature(None, (x, xs)))
     for kind, k in sorted(BLOCK_KERNELS.items()):
-        packed = np.zeros((2, k.nbytes), np.uint8)
-        strided = np.zeros((2, 2 * k.nbytes), np.uint8)[:, :k.nbytes]  # rows with gaps
+        w = np.zeros((2, k.nbytes), np.uint8)
         out = np.zeros((1, 2), np.float32)
         tile = np.zeros((2, k.block), np.float32)
-        for w in (packed, strided):
-            for kernel, arrays in ((mul_mat_vec, (w, x, xs, out)), (dequantize_rows, (w, tile))):
-                WARMER.request(_key(kernel, kind, arrays), kernel, kind, _signature(kind, arrays))
+        for kernel, arrays in ((mul_mat_vec, (w, x, xs, out)), (dequantize_rows, (w, tile))):
+            WARMER.request(_key(kernel, kind, arrays), kernel, kind, _signature(kind, arrays))
