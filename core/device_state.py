@@ -33,9 +33,22 @@ from contextlib import contextmanager
 DEFAULT_SCRATCH_BYTES = 64 << 20
 
 
+#: a device's scratch budget is at most its total memory over this (a small device keeps most
+#: of its memory for the client's buffers; its tiles are then fewer rows)
+SCRATCH_SHARE = 8
+
+
+def _total_memory(device) -> int:
+    try:
+        return int(device.memory()[1])
+    except Exception:  # noqa: BLE001 - a record for an object that reports no memory
+        return 1 << 62
+
+
 def scratch_budget_from_env(declared: int | None = None) -> int:
     """``RPCSERVER_SCRATCH_MIB`` (MiB) if set, else what the device declares
-    (``Device.scratch_bytes``), else :data:`DEFAULT_SCRATCH_BYTES`."""
+    (``Device.scratch_bytes``), else :data:`DEFAULT_SCRATCH_BYTES`; :class:`DeviceState`
+    then caps it at 1/:data:`SCRATCH_SHARE` of the device's total memory."""
     env = os.environ.get("RPCSERVER_SCRATCH_MIB")
     if env:
         try:
@@ -55,6 +68,7 @@ class DeviceState:
         self.device_name = getattr(device, "name", "?")
         if scratch_budget is None:
             scratch_budget = scratch_budget_from_env(getattr(device, "scratch_bytes", None))
+            scratch_budget = min(scratch_budget, max(_total_memory(device) // SCRATCH_SHARE, 1 << 16))
         self.scratch_budget = scratch_budget
         self.scratch_in_use = 0
         #: the most scratch ever held at once (for tests and the live view)

@@ -28,6 +28,7 @@ import pytest
 from rpcserver import cli, plugins
 from rpcserver.client import RpcClient
 from rpcserver.device import Backend, DeviceOptions, DeviceType
+from rpcserver.device_state import state_of
 from rpcserver.errors import ClientGone
 from rpcserver.ggml import Op
 from rpcserver.hookspecs import ENTRY_POINT_GROUP, hookimpl
@@ -280,12 +281,15 @@ def _round_trip(server, rpcserver_example):
         assert c.device_count() == 1
         assert c.get_alignment(0) == 32
         assert c.get_max_size(0) == 256 * MIB
+        # the core keeps the scratch budget out of the free figure: 1/8 of this small device
+        reserve = state_of(device).scratch_budget
+        assert reserve == 256 * MIB // 8
         free0, total = c.get_device_memory(0)
-        assert free0 == total == 256 * MIB
+        assert (free0, total) == (256 * MIB - reserve, 256 * MIB)
 
         handle, rsize = c.alloc_buffer(0, 2 * size)
         assert handle != 0 and rsize == 2 * size
-        assert c.get_device_memory(0) == (total - 2 * size, total)
+        assert c.get_device_memory(0) == (free0 - 2 * size, total)
         base = c.buffer_get_base(handle)
         assert base != 0 and base % 32 == 0
         a = make_tensor(id=0x1000, type=F32, buffer=handle, ne=(n,), data=base, name="a")
@@ -328,7 +332,7 @@ def _round_trip(server, rpcserver_example):
 
         c.free_buffer(handle)
         c.sync()
-        assert c.get_device_memory(0) == (total, total)
+        assert c.get_device_memory(0) == (free0, total)
         assert buf.data is None  # free() reached the plugin
     assert device.allocated == 0
 
@@ -375,7 +379,9 @@ def test_example_device_out_of_memory_and_cleanup_on_disconnect():
             handle, _ = c.alloc_buffer(0, MIB - 4096)
             assert handle != 0
             assert c.alloc_buffer(0, 8192) == (0, 0)  # alloc_buffer returned None
-            assert c.get_device_memory(0) == (4096, MIB)
+            reserve = state_of(device).scratch_budget  # 1/8 of the device, kept for scratch
+            assert reserve == MIB // 8
+            assert c.get_device_memory(0) == (0, MIB)  # 4096 bytes free, less the reserve
             # a GET past the end of the buffer: refused, the connection is closed ...
             base = c.buffer_get_base(handle)
             t = make_tensor(id=1, type=F32, buffer=handle, ne=(16,), data=base + MIB - 4096 - 32)
@@ -388,7 +394,7 @@ def test_example_device_out_of_memory_and_cleanup_on_disconnect():
             time.sleep(0.02)
         assert device.allocated == 0
         with RpcClient("127.0.0.1", server.port) as c:
-            assert c.get_device_memory(0) == (MIB, MIB)
+            assert c.get_device_memory(0) == (MIB - reserve, MIB)
     finally:
         server.stop()
 

@@ -105,6 +105,7 @@ def test_device_memory_keeps_room_for_scratch(server):
     os_free, os_total = dev.memory()
     assert total == os_total
     # the OS figure moves a little between the two reads; the reserve is the whole budget
+    assert state.scratch_budget == min(dev.scratch_bytes or 64 << 20, os_total // 8)
     assert abs((os_free - state.scratch_budget) - free) < 64 << 20
     assert free <= os_free - state.scratch_budget + (64 << 20)
 

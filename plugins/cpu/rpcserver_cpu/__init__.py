@@ -120,7 +120,11 @@ class CpuDevice(Device):
         # Keep the limiter alive: it caps BLAS/OpenMP pools for the whole process.
         self._limits = threadpool_limits(limits=threads)
         self.array_lib = CpuArrayLib(threads)
-        warm_up()  # compile (or load) every kernel in the background
+        if not self.array_lib.wait:
+            # compile (or load) every kernel in the background. Not where requests wait for
+            # kernels anyway (the test suite): a process that forks while a thread compiles
+            # can hand the child a held allocator lock (seen as a hang under ASan)
+            warm_up()
         release_freed_memory_promptly()
 
     def memory(self):
