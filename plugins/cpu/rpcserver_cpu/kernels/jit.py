@@ -13,12 +13,16 @@ the kernel: the kernels in ``blocks.py`` inline the type functions of the
 other modules, and numba's own key (the kernel file's modification time)
 would keep serving machine code built from an older ``legacy.py``.
 
-Threads: numba's ``workqueue`` layer, unless ``NUMBA_THREADING_LAYER`` says
-otherwise. GNU OpenMP (numba's default where it is installed) hangs a
-process that forks after a parallel region, and the server's tests fork
-llama.cpp's reference computations; TBB is fork-safe but its pip wheel is
-not on the loader's path. workqueue is fork-safe and not thread-safe, so
-:func:`rpcserver_cpu.kernels.launch.launch` runs one kernel at a time.
+Threads: numba's ``tbb`` layer, unless ``NUMBA_THREADING_LAYER`` says
+otherwise. A decode step launches a few hundred kernels, so what a launch
+costs matters (measured on this 2-core machine): workqueue ~120 us, GNU
+OpenMP ~3 us, TBB ~6 us. OpenMP is out: GNU OpenMP hangs a process that
+forks after a parallel region (the test suite forks llama.cpp's reference
+computations, which use the same libgomp). TBB is thread- and fork-safe,
+but the ``tbb`` wheel puts ``libtbb.so.12`` in ``<prefix>/lib``, which the
+loader does not search: :func:`_load_tbb` opens it first. Without it,
+workqueue (fork-safe, not thread-safe: :func:`rpcserver_cpu.kernels.launch.launch`
+runs one kernel at a time either way).
 """
 
 from __future__ import annotations
@@ -74,8 +78,30 @@ class _UserWideLocator(_KernelSources, caching.UserWideCacheLocator):
 # NUMBA_CACHE_DIR first, as numba's own order has it; then beside the sources; then ~/.cache
 caching.CacheImpl._locator_classes[:0] = [_UserProvidedLocator, _InTreeLocator, _UserWideLocator]
 
+def _load_tbb() -> bool:
+    """Open the tbb wheel's libtbb (global symbols) so numba's tbb layer can load; True if so."""
+    import ctypes
+    import sys
+
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        for name in ("libtbb.so.12", "libtbb.12.dylib", "tbb12.dll"):
+            for folder in ("lib", "Library/bin", "bin"):
+                path = Path(prefix, folder, name)
+                if path.exists():
+                    try:
+                        ctypes.CDLL(str(path), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+                        return True
+                    except OSError:
+                        continue
+    try:
+        ctypes.CDLL("libtbb.so.12", mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+        return True
+    except OSError:
+        return False
+
+
 if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "workqueue"
+    numba.config.THREADING_LAYER = "tbb" if _load_tbb() else "workqueue"
 
 #: options of the parallel kernels (entry points)
 KERNEL_OPTIONS = dict(cache=os.environ.get("RPCSERVER_NO_JIT_CACHE") is None, nogil=True, fastmath=True, parallel=True, error_model="numpy")
