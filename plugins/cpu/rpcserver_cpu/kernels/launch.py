@@ -12,8 +12,8 @@ waits for the compiler: an op that finds its kernel not ready yet calls
 ``launch(..., wait=False)``, which queues the compilation and returns False,
 and the op takes the shared (slower, equally correct) path meanwhile.
 
-Running: numba's workqueue layer is not thread-safe, so kernels run one at a
-time (compiling needs no such lock).
+Running: one kernel at a time (numba's workqueue layer, the fallback without TBB, see
+:mod:`.jit`, is not thread-safe); compiling needs no such lock.
 """
 
 from __future__ import annotations
