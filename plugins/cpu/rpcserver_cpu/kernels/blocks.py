@@ -96,7 +96,7 @@ def _dot4(kind, r0, r1, r2, r3, o, x, xs, xb):
     return _literal_kernel(kind).dot4.py_func
 
 
-@overload(block_decode, jit_options=dict(fastmath=True, error_model="numpy"))
+@overload(block_decode, inline="always", jit_options=dict(fastmath=True, error_model="numpy"))
 def _decode(kind, row, o, out, ob):
     fn = _literal_kernel(kind).decode
     return lambda kind, row, o, out, ob: fn(row, o, out, ob)
