@@ -12,10 +12,10 @@ invalidates them, and are dropped when the buffer is freed. A buffer a graph
 writes into (a compute buffer, a KV cache) gets none: the executor reports
 every such write (:meth:`DeviceState.graph_wrote`).
 
-Both are counted, so ``GET_DEVICE_MEMORY`` tells the client the truth:
-:meth:`DeviceState.reported_free` subtracts the scratch an op may still take
-(the budget not yet in use, which the device's own free figure cannot see
-yet) and the prepared forms a device does not already count.
+``GET_DEVICE_MEMORY`` tells the client the truth: :meth:`DeviceState.reported_free`
+subtracts the scratch an op may still take (the budget not yet in use, which
+the device's own free figure cannot see yet). Prepared forms live in device
+memory, so the device's own figure already counts them.
 
 One record per device object, owned here rather than set on the plugin's
 objects: :func:`state_of` finds (or makes) it.
@@ -65,7 +65,6 @@ class DeviceState:
     """Scratch in use and prepared forms of one device (see the module docstring)."""
 
     def __init__(self, device, scratch_budget: int | None = None):
-        self.device_name = getattr(device, "name", "?")
         if scratch_budget is None:
             scratch_budget = scratch_budget_from_env(getattr(device, "scratch_bytes", None))
             scratch_budget = min(scratch_budget, max(_total_memory(device) // SCRATCH_SHARE, 1 << 16))
@@ -73,8 +72,7 @@ class DeviceState:
         self.scratch_in_use = 0
         #: the most scratch ever held at once (for tests and the live view)
         self.scratch_peak = 0
-        self._prepared: dict[tuple, tuple[object, int]] = {}
-        self.prepared_bytes = 0
+        self._prepared: dict[tuple, object] = {}
         #: buffer serial -> sorted, disjoint byte ranges graph nodes write (compute buffers,
         #: KV caches): those bytes change without a write from the network, so no prepared
         #: form is made from them
@@ -103,16 +101,13 @@ class DeviceState:
 
     # -- prepared forms --------------------------------------------------------------
 
-    def prepared(self, buffer, span: tuple[int, int], key: tuple, make, *,
-                 counted_by_device: bool = True):
+    def prepared(self, buffer, span: tuple[int, int], key: tuple, make):
         """The prepared form of ``buffer``'s bytes ``span`` = [start, stop) stored under ``key``
         (say, a type and shape), made by ``make() -> (value, nbytes)`` on first use; None when
         a graph writes into those bytes (see :meth:`graph_wrote`): the caller computes without.
 
         Forms made before the buffer's latest write from the network are stale: they are
-        dropped, and the form is made again. ``counted_by_device``: the form lives in memory
-        the device's own ``memory()`` already reports as used (False for a form the device
-        cannot see, e.g. host memory of a GPU device).
+        dropped, and the form is made again.
         """
         full = (buffer.serial, buffer.generation, tuple(span)) + tuple(key)
         with self._lock:
@@ -120,15 +115,11 @@ class DeviceState:
                 return None
             hit = self._prepared.get(full)
         if hit is not None:
-            return hit[0]
-        value, nbytes = make()
+            return hit
+        value, _ = make()
         with self._lock:
             self._drop_locked(lambda k: k[0] == buffer.serial and k[1] != buffer.generation)
-            if full not in self._prepared:
-                counted = 0 if counted_by_device else nbytes
-                self._prepared[full] = (value, counted)
-                self.prepared_bytes += counted
-            return self._prepared[full][0]
+            return self._prepared.setdefault(full, value)
 
     def graph_wrote(self, buffer, start: int, stop: int) -> None:
         """A graph node writes ``buffer``'s bytes [start, stop): forms made from them are
@@ -148,8 +139,7 @@ class DeviceState:
 
     def _drop_locked(self, which) -> None:
         for key in [k for k in self._prepared if which(k)]:
-            _, n = self._prepared.pop(key)
-            self.prepared_bytes -= n
+            del self._prepared[key]
 
     def prepared_count(self) -> int:
         with self._lock:
@@ -158,9 +148,9 @@ class DeviceState:
     # -- what the client is told -------------------------------------------------------
 
     def reported_free(self, free: int) -> int:
-        """The device's ``free`` bytes less the scratch ops may still take and uncounted forms."""
+        """The device's ``free`` bytes less the scratch ops may still take."""
         with self._lock:
-            reserve = max(0, self.scratch_budget - self.scratch_in_use) + self.prepared_bytes
+            reserve = max(0, self.scratch_budget - self.scratch_in_use)
         return max(0, free - reserve)
 
 

@@ -22,7 +22,7 @@ Weights stay in their ggml type. Reading a quantized, F16 or BF16 tensor as
 float32 widens it for the one op that reads it, never for longer: large
 weights are widened a tile of rows at a time (:meth:`NodeContext.row_tiles`)
 within the device's scratch budget (:mod:`rpcserver.device_state`), and a
-device's own kernels (``ArrayLib.op_overrides``) read the blocks directly.
+device's own kernels (``ArrayLib.weight_product``) read the blocks directly.
 Nothing converted outlives the op, so the server holds the weights' bytes
 plus compute buffers, as llama.cpp's own server does.
 """
@@ -229,15 +229,18 @@ class NodeContext:
 
         For a large weight prefer :meth:`row_tiles`, which bounds the widened copy.
         """
-        if tv.type.value == ggml.GGMLType.F32:
-            return self.raw(tv)
-        return self._convert_f32(tv)
+        if tv.type.is_quantized:
+            return self.lib.dequantize(self.blocks(tv), tv.type.value).reshape(tv.shape)
+        return self.widen(self.raw(tv), tv.type.value)
+
+    def blocks(self, tv: TensorView):
+        """A quantized tensor's rows as raw blocks: uint8, shape (ne3, ne2, ne1, row bytes)."""
+        shape, strides = _block_layout(tv)
+        return self.lib.view(tv.buffer, tv.offset, shape, strides, np.uint8)
 
     def rows_f32(self, tv: TensorView, i3: int, i2: int, start: int, stop: int):
         """Rows ``start:stop`` of matrix ``(i3, i2)`` of ``tv`` as float32, shape (rows, ne0)."""
         t = tv.type.value
-        if t == ggml.GGMLType.F32:
-            return self.raw(tv)[i3, i2, start:stop]
         if tv.type.is_quantized:
             rows = self.lib.view(tv.buffer, tv.offset + i3 * tv.nb[3] + i2 * tv.nb[2] + start * tv.nb[1],
                                  (stop - start, tv.type.row_size(tv.ne[0])), (tv.nb[1], 1), np.uint8)
@@ -262,16 +265,6 @@ class NodeContext:
             with self.state.scratch(4 * tv.ne[0] * (stop - start)):
                 yield start, stop, self.rows_f32(tv, i3, i2, start, stop)
 
-    def _convert_f32(self, tv: TensorView):
-        xp, t = self.xp, tv.type.value
-        if t == ggml.GGMLType.BF16:
-            return bf16_to_f32(xp, self.raw(tv))
-        if tv.type.is_quantized:
-            rows = self.lib.view(tv.buffer, tv.offset, tv.shape[:3] + (tv.type.row_size(tv.ne[0]),),
-                                 tv.strides[:3] + (1,), np.uint8)
-            return self.lib.dequantize(rows, t).reshape(tv.shape)
-        return self.raw(tv).astype(xp.float32)
-
     # -- writing ------------------------------------------------------------
 
     def store(self, values, tv: TensorView | None = None, index=None):
@@ -285,8 +278,7 @@ class NodeContext:
             return
         xp, t = self.xp, tv.type.value
         if tv.type.is_quantized:
-            shape = tv.shape[:3] + (tv.type.row_size(tv.ne[0]),)
-            strides = tv.strides[:3] + (1,)
+            shape, strides = _block_layout(tv)
             rows_shape = _indexed_shape(xp, shape, index)
             values = xp.broadcast_to(values, rows_shape[:-1] + (tv.ne[0],))
             packed = self.lib.from_numpy(self.lib.quantize(values.reshape(-1, tv.ne[0]), t))
@@ -294,7 +286,7 @@ class NodeContext:
             if not self.lib.views_alias:
                 self.lib.write(tv.buffer, tv.offset, shape, strides, np.uint8, packed, index)
                 return
-            rows = self.lib.view(tv.buffer, tv.offset, shape, strides, np.uint8)
+            rows = self.blocks(tv)
             if index is None:
                 rows[...] = packed
             else:
@@ -314,6 +306,11 @@ class NodeContext:
             out[...] = values
         else:
             out[index] = values
+
+
+def _block_layout(tv: TensorView):
+    """(shape, strides) of a quantized tensor seen as rows of raw blocks (last axis: bytes)."""
+    return tv.shape[:3] + (tv.type.row_size(tv.ne[0]),), tv.strides[:3] + (1,)
 
 
 def _is_bf16_bits(values) -> bool:

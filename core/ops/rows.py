@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..ggml import Op
 from . import op
 
@@ -21,8 +19,7 @@ def get_rows(ctx):
     i11 = xp.arange(n11).reshape(1, n11, 1) % src.ne[2]
     if src.type.is_quantized:
         # gather the named rows' blocks, then widen only those (never the whole table)
-        blocks = ctx.lib.view(src.buffer, src.offset, src.shape[:3] + (src.type.row_size(src.ne[0]),),
-                              src.strides[:3] + (1,), np.uint8)[i12, i11, idx]
+        blocks = ctx.blocks(src)[i12, i11, idx]
         rows = ctx.lib.dequantize(blocks.reshape(-1, blocks.shape[-1]), src.type.value)
         ctx.store(rows.reshape(dst.shape))
         return
