@@ -112,6 +112,13 @@ class ArrayLib:
         """
         return None
 
+    def activation_type(self, weight_type: int, n_cols: int) -> int | None:
+        """The ggml type :meth:`weight_product` rounds float32 activations to before it
+        multiplies ``n_cols`` of them with weights of ``weight_type``, as ggml's CPU backend
+        does (its ``vec_dot_type``: Q8_0 for Q4_0, ...); None when it multiplies them in
+        float32 (the default). Tests read it to pick their exact reference."""
+        return None
+
     def to_numpy(self, a):
         return np.asarray(a)
 

@@ -146,7 +146,21 @@ class ggml_type_traits(Structure):
     ]
 
 
+class ggml_type_traits_cpu(Structure):
+    """``struct ggml_type_traits_cpu`` (ggml-cpu.h): what the CPU backend's products use."""
+
+    _fields_ = [
+        ("from_float", c_void_p),    # void (*)(const float *, void *, int64_t): this CPU's code
+        ("vec_dot", c_void_p),       # ggml_vec_dot_t
+        ("vec_dot_type", c_int),     # the type activations are converted to for vec_dot
+        ("nrows", c_int64),
+    ]
+
+
 _TO_FLOAT = CFUNCTYPE(None, c_void_p, c_void_p, c_int64)
+_FROM_FLOAT = CFUNCTYPE(None, c_void_p, c_void_p, c_int64)
+_VEC_DOT = CFUNCTYPE(None, c_int, POINTER(c_float), c_size_t, c_void_p, c_size_t, c_void_p,
+                     c_size_t, c_int)
 
 
 # --------------------------------------------------------------------------
@@ -275,6 +289,7 @@ def _f(name):
         "ggml_type_name": (c_char_p, c_int),
         "ggml_op_name": (c_char_p, c_int),
         "ggml_get_type_traits": (POINTER(ggml_type_traits), c_int),
+        "ggml_get_type_traits_cpu": (POINTER(ggml_type_traits_cpu), c_int),
         "ggml_quantize_chunk": (c_size_t, c_int, POINTER(c_float), c_void_p, c_int64, c_int64,
                                 c_int64, POINTER(c_float)),
         "ggml_quantize_requires_imatrix": (c_bool, c_int),
@@ -379,6 +394,43 @@ def ggml_quantize(type_: int, values: np.ndarray) -> np.ndarray:
     _f("ggml_quantize_chunk")(type_, src.ctypes.data_as(POINTER(c_float)), dst.ctypes.data,
                               0, rows, n, imatrix)
     return dst
+
+
+def ggml_cpu_activations(type_: int, values: np.ndarray) -> tuple[int, np.ndarray]:
+    """How ggml's CPU backend converts float32 activation rows (``values``, (rows, n)) before
+    multiplying them by a weight of type ``type_``: (vec_dot_type, the rows in that type as
+    uint8 (rows, row bytes)), made by this CPU's own ``from_float`` (the SIMD code the
+    backend runs, not the reference quantizer)."""
+    from rpcserver import ggml as rg
+
+    require_ggml()
+    vec_dot_type = _f("ggml_get_type_traits_cpu")(type_).contents.vec_dot_type
+    src = np.ascontiguousarray(values, dtype=np.float32)
+    rows, n = src.shape
+    dst = np.zeros((rows, rg.TYPES[vec_dot_type].row_size(n)), np.uint8)
+    convert = _FROM_FLOAT(_f("ggml_get_type_traits_cpu")(vec_dot_type).contents.from_float)
+    for r in range(rows):
+        convert(src[r].ctypes.data, dst[r].ctypes.data, n)
+    return vec_dot_type, dst
+
+
+def ggml_cpu_product(type_: int, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values @ W^T`` as ggml's CPU backend computes it, for weight ``rows`` of type ``type_``
+    (uint8 (M, row bytes)) and float32 activations ``values`` (N, K): the activations through
+    :func:`ggml_cpu_activations`, then the type's ``vec_dot`` per row. (N, M) float32."""
+    require_ggml()
+    traits = _f("ggml_get_type_traits_cpu")(type_).contents
+    _, act = ggml_cpu_activations(type_, values)
+    w = np.ascontiguousarray(rows, dtype=np.uint8)
+    n_k = values.shape[1]
+    dot = _VEC_DOT(traits.vec_dot)
+    out = np.zeros((values.shape[0], w.shape[0]), np.float32)
+    s = c_float()
+    for n in range(act.shape[0]):
+        for m in range(w.shape[0]):
+            dot(n_k, ctypes.byref(s), 0, w[m].ctypes.data, 0, act[n].ctypes.data, 0, 1)
+            out[n, m] = s.value
+    return out
 
 
 def ggml_to_float(type_: int, rows: np.ndarray) -> np.ndarray:

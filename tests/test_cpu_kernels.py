@@ -10,7 +10,10 @@ the executor on top):
   the float32 activations only by float32 rounding: NMSE below 1e-10 (measured
   ~1e-14; a wrong scale, offset or nibble order gives 1e-3 or worse), for row
   counts that are not a multiple of the 4 rows a pass handles, for 1 to 8
-  activation rows, and for weight rows with padding between them.
+  activation rows, and for weight rows with padding between them;
+* for the 32-element types, whose products ggml computes on activations quantized to 8 bits:
+  ``quantize_q8`` gives the bytes of ggml's own CPU quantizer (Q8_0 and Q8_1 fields) and
+  ``mul_mat_q8`` ggml's own ``vec_dot`` results up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ggml_harness import ggml_quantize, ggml_to_float, require_ggml
+from ggml_harness import (ggml_cpu_activations, ggml_cpu_product, ggml_quantize, ggml_to_float,
+                          require_ggml)
 from rpcserver.ggml import TYPES, GGMLType
 
 kernels = pytest.importorskip("rpcserver_cpu.kernels")
@@ -81,6 +85,60 @@ def test_mul_mat_vec_is_exact_up_to_float32(t, n_cols, padded):
     exact = x.astype(np.float64) @ wf.astype(np.float64).T
     err = np.sum((out - exact) ** 2) / np.sum(exact ** 2)
     assert err < 1e-10, f"{_name(t)}: NMSE {err:.3g} against the exact product"
+
+
+Q8_TYPES = [t for t in REGISTERED if kernels.has_q8(t)]
+
+
+def _quantize_q8(x):
+    qy = np.empty(x.shape, np.int8)
+    yd = np.full((x.shape[0], x.shape[1] // 32, kernels.YD_FIELDS), np.nan, np.float32)
+    launch(kernels.quantize_q8, None, x, qy, yd)
+    return qy, yd
+
+
+def test_the_types_ggml_multiplies_in_8_bits_have_8_bit_products():
+    want = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4"}
+    assert {_name(t) for t in Q8_TYPES} == want
+
+
+@pytest.mark.parametrize("weight_type", ["Q4_0", "Q4_1"], ids=["as-q8_0", "as-q8_1"])
+def test_activations_are_quantized_as_ggmls_cpu_backend_does(weight_type):
+    """Byte for byte what ggml's CPU code (its SIMD quantize_row_q8_0/q8_1) makes, including
+    an all-zero block and values on rounding ties."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 256)).astype(np.float32) * 4
+    x[1, 32:64] = 0
+    x[2, :32] = np.r_[127, np.arange(31) - 15.5]  # d = 1: every other value is a tie
+    vec_dot_type, act = ggml_cpu_activations(GGMLType[weight_type], x)
+    qy, yd = _quantize_q8(x)
+    block = act.reshape(3, 8, -1)
+    assert np.array_equal(qy, block[:, :, -32:].view(np.int8).reshape(3, 256))
+    assert np.array_equal(yd[..., 0], block[:, :, 0:2].copy().view(np.float16)[..., 0])
+    if TYPES[vec_dot_type].name == "Q8_1":  # s = d * sum(q), as a half
+        assert np.array_equal(yd[..., 2], block[:, :, 2:4].copy().view(np.float16)[..., 0])
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded-rows"])
+@pytest.mark.parametrize("n_cols", [1, 3, 8, 33])
+@pytest.mark.parametrize("t", Q8_TYPES, ids=_name)
+def test_mul_mat_q8_is_ggmls_own_product(t, n_cols, padded):
+    """Against ggml's CPU backend itself: its quantized activations and its vec_dot, so the
+    only differences are float32 summation order (NMSE measured <= 1e-11; a wrong scale,
+    offset or quant order gives 1e-3 or worse)."""
+    m, k = 13, 512
+    raw, _ = _weights(t, m, k, seed=200 + t)
+    x = np.random.default_rng(t + 1).standard_normal((n_cols, k)).astype(np.float32)
+    want = ggml_cpu_product(t, raw, x)
+    if padded:
+        wide = np.zeros((m, raw.shape[1] + 64), np.uint8)
+        wide[:, :raw.shape[1]] = raw
+        raw = wide[:, :raw.shape[1]]
+    qy, yd = _quantize_q8(x)
+    out = np.full((n_cols, m), np.nan, np.float32)
+    launch(kernels.mul_mat_q8, t, raw, qy, yd, out, threads=2)
+    err = np.sum((out - want) ** 2) / np.sum(want.astype(np.float64) ** 2)
+    assert err < 1e-10, f"{_name(t)}: NMSE {err:.3g} against ggml's own product"
 
 
 def test_a_kernel_still_compiling_is_not_waited_for():

@@ -1,7 +1,7 @@
 """The block-kernel registry, and the kernels that are written once for every block type.
 
 A weight type is described by one :class:`BlockKernel`: its block geometry
-and two functions that the kernels here inline for it --
+and the functions that the kernels inline for it --
 
 * ``dot4(kind, r0, r1, r2, r3, o, x, xs, xb)``: the dot products of the block at
   byte ``o`` of four weight rows with the activations ``x[xb : xb + block]``,
@@ -11,6 +11,8 @@ and two functions that the kernels here inline for it --
   sub-block instead of once per weight.
 * ``decode(row, o, out, ob)``: the block at byte ``o`` of ``row`` as float32
   values in ``out[ob : ob + block]``, exactly as ggml's ``to_float`` gives them.
+* optionally ``q8``, a :class:`Q8Dot`: how the type's blocks multiply activations
+  quantized to 8 bits, which is what ggml does for the 32-element types (:mod:`.q8`).
 
 Plain Python functions, compiled by numba when a kernel is specialised for
 the type (the type number is a compile-time literal, so a model's kernels
@@ -22,8 +24,8 @@ blocks. :func:`register` is how a module adds its types.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
 
 import numba
 import numpy as np
@@ -32,6 +34,22 @@ from numba.core import errors
 from numba.extending import overload
 
 from .jit import INLINE_OPTIONS, KERNEL_OPTIONS, SERIAL_OPTIONS
+
+
+@dataclass(frozen=True)
+class Q8Dot:
+    """How a 32-element type's blocks multiply activations quantized to 8 bits (:mod:`.q8`).
+
+    A weight value is ``d * (u - offset) + m``, ``u`` an unsigned quant of at most 8 bits.
+    The three functions build LLVM IR (:mod:`.simd`) from the block's ``i8*`` pointer:
+    ``values`` gives the 32 ``u`` as a <32 x i8> vector in element order, ``scale`` the
+    float ``d``, ``min`` (None for types without one) the float ``m``.
+    """
+
+    values: Callable
+    scale: Callable
+    offset: int = 0
+    min: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,8 @@ class BlockKernel:
     nbytes: int
     dot4: Callable
     decode: Callable
+    #: the product with 8-bit activations, ggml's for this type; None: float32 activations
+    q8: Optional[Q8Dot] = None
 
 
 #: ggml type value -> its BlockKernel; filled by the type modules through register()
@@ -54,8 +74,7 @@ BLOCK_KERNELS: dict[int, BlockKernel] = {}
 
 def register(kernel: BlockKernel) -> BlockKernel:
     """Add ``kernel`` to :data:`BLOCK_KERNELS` (one per type)."""
-    kernel = BlockKernel(int(kernel.type_value), kernel.name, kernel.block, kernel.nbytes,
-                         kernel.dot4, kernel.decode)
+    kernel = replace(kernel, type_value=int(kernel.type_value))
     if kernel.type_value in BLOCK_KERNELS:
         raise ValueError(f"{kernel.name}: a block kernel is already registered for type "
                          f"{kernel.type_value}")

@@ -147,13 +147,20 @@ def warm_up() -> None:
     tensors are). Rows with gaps between them (a view of a wider tensor) compile on first
     use, in the background like these."""
     from .blocks import BLOCK_KERNELS, dequantize_rows, mul_mat_vec, sums_of_16
+    from .q8 import YD_FIELDS, mul_mat_q8, quantize_q8
 
     x = np.zeros((1, 32), np.float32)
     xs = np.zeros((1, 2), np.float32)
-    WARMER.request(_key(sums_of_16, None, (x, xs)), sums_of_16, None, _signature(None, (x, xs)))
+    qy = np.zeros((1, 32), np.int8)
+    yd = np.zeros((1, 1, YD_FIELDS), np.float32)
+    for kernel, arrays in ((sums_of_16, (x, xs)), (quantize_q8, (x, qy, yd))):
+        WARMER.request(_key(kernel, None, arrays), kernel, None, _signature(None, arrays))
     for kind, k in sorted(BLOCK_KERNELS.items()):
         w = np.zeros((2, k.nbytes), np.uint8)
         out = np.zeros((1, 2), np.float32)
         tile = np.zeros((2, k.block), np.float32)
-        for kernel, arrays in ((mul_mat_vec, (w, x, xs, out)), (dequantize_rows, (w, tile))):
+        uses = [(mul_mat_vec, (w, x, xs, out)), (dequantize_rows, (w, tile))]
+        if k.q8 is not None:
+            uses.append((mul_mat_q8, (w, qy, yd, out)))
+        for kernel, arrays in uses:
             WARMER.request(_key(kernel, kind, arrays), kernel, kind, _signature(kind, arrays))

@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from rpcserver.ggml import GGMLType
 
-from .blocks import BlockKernel, register
+from . import simd
+from .blocks import BlockKernel, Q8Dot, register
 from .jit import INLINE_OPTIONS, f32_bits_to_f32, half_at
 
 _f32 = np.float32
@@ -58,7 +58,18 @@ def _q4_0_decode(row, o, out, ob):
         out[ob + 16 + j] = d * _f32(np.int32(q >> _u8(4)) - 8)
 
 
-register(BlockKernel(GGMLType.Q4_0, "Q4_0", 32, 18, _q4_0_dot4, _q4_0_decode))
+def _d(builder, block):
+    """The block's leading half, d."""
+    return simd.half(builder, block, 0)
+
+
+def _m(builder, block):
+    """The half after d: the min m of the _1 types."""
+    return simd.half(builder, block, 2)
+
+
+register(BlockKernel(GGMLType.Q4_0, "Q4_0", 32, 18, _q4_0_dot4, _q4_0_decode,
+                     Q8Dot(lambda builder, block: simd.nibbles32(builder, block, 2), _d, 8)))
 
 
 # -- Q8_0: d (half), 32 int8; element j = d * qs[j]
@@ -85,7 +96,14 @@ def _q8_0_decode(row, o, out, ob):
         out[ob + j] = d * _f32(np.int8(row[o + 2 + j]))
 
 
-register(BlockKernel(GGMLType.Q8_0, "Q8_0", 32, 34, _q8_0_dot4, _q8_0_decode))
+def _q8_0_values(builder, block):
+    """The int8 quants + 128, as unsigned bytes (flipping the sign bit adds 128)."""
+    q = simd.load(builder, block, simd.vec(simd.I8, 32), 2)
+    return builder.xor(q, simd.const(simd.vec(simd.I8, 32), [-128] * 32))
+
+
+register(BlockKernel(GGMLType.Q8_0, "Q8_0", 32, 34, _q8_0_dot4, _q8_0_decode,
+                     Q8Dot(_q8_0_values, _d, 128)))
 
 
 # -- helpers
@@ -156,7 +174,9 @@ def _q4_1_decode(row, o, out, ob):
         out[ob + 16 + j] = _f32(_u8(q >> _u8(4))) * d + m
 
 
-register(BlockKernel(GGMLType.Q4_1, "Q4_1", 32, 20, _q4_1_dot4, _q4_1_decode))
+register(BlockKernel(GGMLType.Q4_1, "Q4_1", 32, 20, _q4_1_dot4, _q4_1_decode,
+                     Q8Dot(lambda builder, block: simd.nibbles32(builder, block, 4), _d,
+                           min=_m)))
 
 
 # -- Q5_0: d (half), qh (uint32), 16 bytes of nibbles; q_j = lo(qs[j]) | bit j of qh << 4,
@@ -199,7 +219,17 @@ def _q5_0_decode(row, o, out, ob):
         out[ob + 16 + j] = d * _f32(np.int32(hi) - 16)
 
 
-register(BlockKernel(GGMLType.Q5_0, "Q5_0", 32, 22, _q5_0_dot4, _q5_0_decode))
+def _q5_values(qh: int, qs: int):
+    """IR for the 32 5-bit quants: nibbles at byte ``qs``, bit j of the uint32 at byte ``qh``
+    as bit 4 of element j."""
+    def values(builder, block):
+        high = simd.bits32(builder, simd.load(builder, block, simd.I32, qh), 16)
+        return builder.or_(simd.nibbles32(builder, block, qs), high)
+    return values
+
+
+register(BlockKernel(GGMLType.Q5_0, "Q5_0", 32, 22, _q5_0_dot4, _q5_0_decode,
+                     Q8Dot(_q5_values(2, 6), _d, 16)))
 
 
 @njit(**INLINE_OPTIONS)
@@ -225,7 +255,8 @@ def _q5_1_decode(row, o, out, ob):
         out[ob + 16 + j] = _f32(hi) * d + m
 
 
-register(BlockKernel(GGMLType.Q5_1, "Q5_1", 32, 24, _q5_1_dot4, _q5_1_decode))
+register(BlockKernel(GGMLType.Q5_1, "Q5_1", 32, 24, _q5_1_dot4, _q5_1_decode,
+                     Q8Dot(_q5_values(4, 8), _d, min=_m)))
 
 
 # -- the 16-entry table types: a scale, 16 bytes of nibbles; element j = scale * T[lo(qs[j])],
@@ -240,33 +271,11 @@ _V16I8 = ir.VectorType(ir.IntType(8), 16)
 _V16F32 = ir.VectorType(ir.FloatType(), 16)
 
 
-def _item_pointer(context, builder, aryty, ary, index, indty):
-    """Pointer to ``ary[index]`` (1-d), no wraparound."""
-    a = context.make_array(aryty)(context, builder, ary)
-    index = context.cast(builder, index, indty, types.intp)
-    return cgutils.get_item_pointer2(context, builder, a.data,
-                                     cgutils.unpack_tuple(builder, a.shape),
-                                     cgutils.unpack_tuple(builder, a.strides), aryty.layout,
-                                     [index])
-
-
-def _vector_at(builder, pointer, vty, offset=0):
-    """``pointer`` (to an element) + ``offset`` elements, as a pointer to a ``vty`` vector."""
-    if offset:
-        pointer = builder.gep(pointer, [ir.Constant(ir.IntType(64), offset)])
-    return builder.bitcast(pointer, vty.as_pointer())
-
-
 def _lookup16(builder, table, idx):
     """``table[idx[i]]`` for each of the 16 lanes of ``idx`` (<16 x i8>, values < 16), as
-    <16 x float>: a build_vector of extractelements, which LLVM lowers to a variable byte
-    shuffle where the target has one (pshufb)."""
-    i32 = ir.IntType(32)
-    vec = ir.Constant(_V16I8, None)
-    for i in range(16):
-        t = builder.extract_element(table, builder.extract_element(idx, ir.Constant(i32, i)))
-        vec = builder.insert_element(vec, t, ir.Constant(i32, i))
-    return builder.sitofp(builder.sext(vec, ir.VectorType(i32, 16)), _V16F32)
+    <16 x float> (:func:`.simd.lookup16`, one byte shuffle)."""
+    vec = simd.lookup16(builder, table, idx)
+    return builder.sitofp(builder.sext(vec, ir.VectorType(ir.IntType(32), 16)), _V16F32)
 
 
 def _nibbles16(builder, table, q):
@@ -290,12 +299,12 @@ def _lut_dot32(values):
 
         def codegen(context, builder, signature, args):
             rty, oty, xty, xbty = signature.args
-            q = builder.load(_vector_at(builder, _item_pointer(context, builder, rty, args[0],
+            q = builder.load(simd.vector_at(builder, simd.item_pointer(context, builder, rty, args[0],
                                                                args[1], oty), _V16I8), align=1)
             lo, hi = _nibbles16(builder, table, q)
-            px = _item_pointer(context, builder, xty, args[2], args[3], xbty)
-            xl = builder.load(_vector_at(builder, px, _V16F32), align=4)
-            xh = builder.load(_vector_at(builder, px, _V16F32, 16), align=4)
+            px = simd.item_pointer(context, builder, xty, args[2], args[3], xbty)
+            xl = builder.load(simd.vector_at(builder, px, _V16F32), align=4)
+            xh = builder.load(simd.vector_at(builder, px, _V16F32, 16), align=4)
             fast = ("fast",)
             v = builder.fadd(builder.fmul(lo, xl, flags=fast), builder.fmul(hi, xh, flags=fast),
                              flags=fast)
@@ -326,16 +335,16 @@ def _lut_decode32(values):
 
         def codegen(context, builder, signature, args):
             rty, oty, _, outty, obty = signature.args
-            q = builder.load(_vector_at(builder, _item_pointer(context, builder, rty, args[0],
+            q = builder.load(simd.vector_at(builder, simd.item_pointer(context, builder, rty, args[0],
                                                                args[1], oty), _V16I8), align=1)
             lo, hi = _nibbles16(builder, table, q)
             scale = builder.insert_element(ir.Constant(_V16F32, None), args[2],
                                            ir.Constant(ir.IntType(32), 0))
             splat = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
             scale = builder.shuffle_vector(scale, scale, splat)
-            p = _item_pointer(context, builder, outty, args[3], args[4], obty)
-            builder.store(builder.fmul(lo, scale), _vector_at(builder, p, _V16F32), align=4)
-            builder.store(builder.fmul(hi, scale), _vector_at(builder, p, _V16F32, 16), align=4)
+            p = simd.item_pointer(context, builder, outty, args[3], args[4], obty)
+            builder.store(builder.fmul(lo, scale), simd.vector_at(builder, p, _V16F32), align=4)
+            builder.store(builder.fmul(hi, scale), simd.vector_at(builder, p, _V16F32, 16), align=4)
             return context.get_dummy_value()
         return types.none(row, o, d, out, ob), codegen
     return decode
@@ -367,7 +376,25 @@ def _e8m0_half_at(row, o):
     return f32_bits_to_f32(_u32((e - _u32(1)) << _u32(23)))
 
 
-def _register_table_type(name, values, scale_bytes, scale):
+def _e8m0_half(builder, block):
+    """IR of :func:`_e8m0_half_at` for the block's first byte."""
+    e = builder.zext(simd.load(builder, block, simd.I8), simd.I32)
+    small = builder.icmp_unsigned("<", e, simd.I32(2))
+    bits = builder.select(small, builder.shl(simd.I32(0x00200000), e),
+                          builder.shl(builder.sub(e, simd.I32(1)), simd.I32(23)))
+    return builder.bitcast(bits, simd.F32)
+
+
+def _table_q8(values, scale_bytes, scale):
+    """The Q8Dot of a table type: T[nibble] + 128 as the unsigned quant, offset 128."""
+    shifted = ir.Constant(_V16I8, [v + 128 - 256 * (v + 128 > 127) for v in values])
+
+    def unsigned(builder, block):
+        return simd.lookup16(builder, shifted, simd.nibbles32(builder, block, scale_bytes))
+    return Q8Dot(unsigned, scale, 128)
+
+
+def _register_table_type(name, values, scale_bytes, scale, q8_scale):
     vdot = _lut_dot32(values)
     vdecode = _lut_decode32(values)
     lut = _lut16(values)
@@ -400,8 +427,9 @@ def _register_table_type(name, values, scale_bytes, scale):
             out[ob + j] = lut(q) * d
             out[ob + 16 + j] = lut(q >> _u8(4)) * d
 
-    return register(BlockKernel(GGMLType[name], name, 32, scale_bytes + 16, dot4, decode))
+    return register(BlockKernel(GGMLType[name], name, 32, scale_bytes + 16, dot4, decode,
+                                _table_q8(values, scale_bytes, q8_scale)))
 
 
-_register_table_type("IQ4_NL", KVALUES_IQ4NL, 2, half_at)
-_register_table_type("MXFP4", KVALUES_MXFP4, 1, _e8m0_half_at)
+_register_table_type("IQ4_NL", KVALUES_IQ4NL, 2, half_at, _d)
+_register_table_type("MXFP4", KVALUES_MXFP4, 1, _e8m0_half_at, _e8m0_half)
