@@ -141,21 +141,48 @@ def test_mul_mat_q8_is_ggmls_own_product(t, n_cols, padded):
     assert err < 1e-10, f"{_name(t)}: NMSE {err:.3g} against ggml's own product"
 
 
-def test_a_kernel_still_compiling_is_not_waited_for():
-    """launch(wait=False) on a specialisation nobody compiled yet returns False at once and
-    queues it; the warmer then compiles it and the same call runs it."""
-    from rpcserver_cpu.kernels.launch import WARMER, is_ready
+_FIRST_USE = r"""
+import json, sys, numpy as np
+from rpcserver_cpu import kernels
+from rpcserver_cpu.kernels.launch import WARMER, launch
+t = int(sys.argv[1])
+w = np.asfortranarray(np.load(sys.argv[2]))  # column-major: a layout no test compiles
+x = np.ones((1, 64), np.float32)
+xs = np.full((1, 4), 16, np.float32)
+out = np.zeros((1, 4), np.float32)
+first = launch(kernels.mul_mat_vec, t, w, x, xs, out, wait=False)
+untouched = bool(np.all(out == 0))
+assert WARMER.wait(timeout=600)
+second = launch(kernels.mul_mat_vec, t, w, x, xs, out, wait=False)
+print(json.dumps(dict(first=first, untouched=untouched, second=second, out=out[0].tolist())))
+"""
+
+
+def test_a_kernel_is_compiled_in_the_background_then_loaded_from_the_disk_cache(tmp_path):
+    """First use in a process whose disk cache lacks the kernel: launch(wait=False) returns
+    False at once without running it and the warmer compiles it; a second process finds it in
+    the disk cache and runs it on its first call."""
+    import json
+    import os
+    import subprocess
+    import sys
 
     t = int(GGMLType.Q8_0)
     raw, wf = _weights(t, 4, 64, seed=7)
-    w = np.asfortranarray(raw)  # a column-major layout: no warm-up compiles this one
-    x = np.ones((1, 64), np.float32)
-    xs = np.full((1, 4), 16, np.float32)
-    out = np.zeros((1, 4), np.float32)
-    if not is_ready(kernels.mul_mat_vec, t, w, x, xs, out):
-        assert launch(kernels.mul_mat_vec, t, w, x, xs, out, wait=False) is False
-        assert np.all(out == 0)  # nothing ran
-    assert WARMER.wait(timeout=300)
-    assert is_ready(kernels.mul_mat_vec, t, w, x, xs, out)
-    assert launch(kernels.mul_mat_vec, t, w, x, xs, out, wait=False) is True
-    np.testing.assert_allclose(out[0], wf.sum(axis=1), rtol=1e-5)
+    np.save(tmp_path / "w.npy", raw)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"),
+               RPCSERVER_CPU_WAIT_FOR_KERNELS="0")
+
+    def run():
+        p = subprocess.run([sys.executable, "-c", _FIRST_USE, str(t), str(tmp_path / "w.npy")],
+                           capture_output=True, text=True, env=env, timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    cold = run()
+    assert cold["first"] is False and cold["untouched"], cold
+    assert cold["second"] is True
+    np.testing.assert_allclose(cold["out"], wf.sum(axis=1), rtol=1e-5)
+    warm = run()
+    assert warm["first"] is True, "the kernel compiled by the first process was not reused"
+    np.testing.assert_allclose(warm["out"], wf.sum(axis=1), rtol=1e-5)

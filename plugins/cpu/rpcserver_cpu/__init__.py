@@ -27,7 +27,6 @@ from rpcserver.device import Backend, Buffer, Device, DeviceOptions, DeviceType
 from rpcserver.hookspecs import hookimpl
 
 from .arraylib import CpuArrayLib
-from .kernels.launch import warm_up
 
 __version__ = metadata.version("rpcserver-cpu")
 log = logging.getLogger("rpcserver.cpu")
@@ -119,12 +118,9 @@ class CpuDevice(Device):
         self.threads = threads
         # Keep the limiter alive: it caps BLAS/OpenMP pools for the whole process.
         self._limits = threadpool_limits(limits=threads)
+        # kernels are loaded (or compiled in the background) on first use, for the types a
+        # model has: rpcserver_cpu.kernels.launch
         self.array_lib = CpuArrayLib(threads)
-        if not self.array_lib.wait:
-            # compile (or load) every kernel in the background. Not where requests wait for
-            # kernels anyway (the test suite): a process that forks while a thread compiles
-            # can hand the child a held allocator lock (seen as a hang under ASan)
-            warm_up()
         release_freed_memory_promptly()
 
     def memory(self):

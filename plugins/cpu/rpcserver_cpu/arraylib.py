@@ -12,9 +12,9 @@
   the type's numba decoder on every thread; types without one use gguf's
   reference decoder.
 
-Kernels compile in the background when the device is created
-(:func:`rpcserver_cpu.kernels.launch.warm_up`); until a kernel is ready the
-shared code computes its cases, so no request waits for the compiler.
+A kernel is made ready on its first use (:mod:`rpcserver_cpu.kernels.launch`):
+loaded from numba's disk cache at once, or compiled in the background while
+the shared code computes its cases, so no request waits for the compiler.
 ``RPCSERVER_CPU_WAIT_FOR_KERNELS=1`` makes requests wait instead (the test
 suite sets it, so the kernels are what it checks).
 """

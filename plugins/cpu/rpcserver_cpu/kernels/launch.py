@@ -5,12 +5,15 @@ specialisation per type). Numba's dispatcher resolves literal arguments by
 re-typing on every call, which costs milliseconds; :func:`launch` keeps each
 specialisation's compiled entry point and calls it directly (microseconds).
 
-Compiling a specialisation takes seconds (loading it from numba's on-disk
-cache, tens of milliseconds). :class:`Warmer` does both in a background
-thread when the server starts, for every registered type, so that no request
-waits for the compiler: an op that finds its kernel not ready yet calls
-``launch(..., wait=False)``, which queues the compilation and returns False,
-and the op takes the shared (slower, equally correct) path meanwhile.
+Compiling a specialisation takes seconds; loading it from numba's on-disk
+cache, milliseconds. So a kernel is made ready when it is first needed, for
+the types a model actually has: ``launch(..., wait=False)`` loads it from the
+disk cache at once if it is there, and otherwise queues its compilation on
+:class:`Warmer` (a background thread) and returns False, and the op takes the
+shared (slower, equally correct) path until it is ready. No request waits for
+the compiler, and a server holds the machine code of the kernels it uses only
+(each loaded specialisation costs ~0.7 MiB of resident memory, the first one
+~40 MiB of LLVM). :func:`warm_up` compiles every type's kernels ahead of time.
 
 Running: one kernel at a time (numba's workqueue layer, the fallback without TBB, see
 :mod:`.jit`, is not thread-safe); compiling needs no such lock.
@@ -26,6 +29,8 @@ import time
 import numba
 import numpy as np
 from numba import types
+from numba.core import sigutils
+from numba.core.compiler_lock import global_compiler_lock
 
 log = logging.getLogger("rpcserver.cpu")
 
@@ -60,6 +65,38 @@ def _compile(key, kernel, kind, sig) -> tuple:
         return entry
 
 
+def _load_cached(kernel, sig) -> bool:
+    """Load specialisation ``sig`` of ``kernel`` from numba's disk cache if it is there (what
+    ``Dispatcher.compile`` does before it compiles); never compiles. True if it is loaded."""
+    with global_compiler_lock:
+        args, _ = sigutils.normalize_signature(sig)
+        if tuple(args) in kernel.overloads:
+            return True
+        cache = getattr(kernel, "_cache", None)
+        try:
+            cres = cache.load_overload(sig, kernel.targetctx) if cache is not None else None
+        except Exception:  # noqa: BLE001 - a stale or foreign cache entry: compile instead
+            log.debug("numba cache entry of %s unusable", kernel.__name__, exc_info=True)
+            return False
+        if cres is None:
+            return False
+        kernel.targetctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])
+        kernel.add_overload(cres)
+        return True
+
+
+def _ready(key, kernel, kind, sig):
+    """The entry point for ``key`` if it is compiled or in the disk cache, else None."""
+    entry = _entries.get(key)
+    if entry is None:
+        with _compile_lock:
+            entry = _entries.get(key)
+            if entry is None and _load_cached(kernel, sig):
+                entry = _entries[key] = (kernel.overloads[sig].entry_point,
+                                         () if kind is None else (kind,))
+    return entry
+
+
 def is_ready(kernel, kind, *arrays) -> bool:
     return _key(kernel, None if kind is None else int(kind), arrays) in _entries
 
@@ -67,17 +104,21 @@ def is_ready(kernel, kind, *arrays) -> bool:
 def launch(kernel, kind: int | None, *arrays, threads: int | None = None, wait: bool = True) -> bool:
     """Run ``kernel(kind, *arrays)`` (``kernel(*arrays)`` when ``kind`` is None) on ``threads``.
 
-    With ``wait=False`` a kernel that is not compiled yet is not run: its compilation is
-    queued on the :data:`WARMER` and False is returned. True once it ran.
+    With ``wait=False`` a kernel that is neither compiled nor in the disk cache is not run:
+    its compilation is queued on the :data:`WARMER` and False is returned. True once it ran.
     """
     kind = None if kind is None else int(kind)  # a plain int: numba makes it a literal
     key = _key(kernel, kind, arrays)
     entry = _entries.get(key)
     if entry is None:
+        sig = _signature(kind, arrays)
         if not wait:
-            WARMER.request(key, kernel, kind, _signature(kind, arrays))
-            return False
-        entry = _compile(key, kernel, kind, _signature(kind, arrays))
+            entry = _ready(key, kernel, kind, sig)
+            if entry is None:
+                WARMER.request(key, kernel, kind, sig)
+                return False
+        else:
+            entry = _compile(key, kernel, kind, sig)
     fn, lead = entry
     with _run_lock:
         if threads is not None:
@@ -144,8 +185,9 @@ WARMER = Warmer()
 
 def warm_up() -> None:
     """Queue every registered type's kernels, for packed weight rows (what llama.cpp's
-    tensors are). Rows with gaps between them (a view of a wider tensor) compile on first
-    use, in the background like these."""
+    tensors are), so that they are compiled into the disk cache ahead of any request
+    (``python -c "from rpcserver_cpu.kernels.launch import warm_up, WARMER; warm_up();
+    WARMER.wait()"``). The server itself makes kernels ready on first use (see above)."""
     from .blocks import BLOCK_KERNELS, dequantize_rows, mul_mat_vec, sums_of_16
     from .q8 import YD_FIELDS, mul_mat_q8, quantize_q8
 

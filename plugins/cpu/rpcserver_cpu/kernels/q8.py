@@ -74,89 +74,121 @@ def quantize_q8(x, qy, yd):
             yd[n, b, 3] = np.float32(0)
 
 
-def _row_dot_intrinsic(spec: Q8Dot, nbytes: int):
-    """An intrinsic ``dot(row, qy, yd, n_blocks)``: the float32 dot product of the weight
-    ``row`` (n_blocks blocks of ``nbytes``, uint8, unit stride) with quantized activations
-    ``qy`` (int8) and their scales ``yd`` ((n_blocks, YD_FIELDS) float32), both contiguous."""
+def _rows(context, builder, aryty, ary, first, count):
+    """``i8*`` pointers to rows ``first .. first + count - 1`` of a 2-d or 3-d array."""
+    a = context.make_array(aryty)(context, builder, ary)
+    data = builder.bitcast(a.data, simd.I8.as_pointer())
+    stride = cgutils.unpack_tuple(builder, a.strides)[0]
+    first = context.cast(builder, first[0], first[1], types.intp)
+    return [simd.at(builder, data, builder.mul(builder.add(first, simd.I64(k)), stride))
+            for k in range(count)]
+
+
+def _tile_intrinsic(spec: Q8Dot, nbytes: int, n_rows: int, n_cols: int):
+    """An intrinsic ``tile(w, i, qy, yd, n, n_blocks)``: the float32 dot products of weight
+    rows ``w[i : i + n_rows]`` (n_blocks blocks of ``nbytes``, unit stride within a row) with
+    quantized activation rows ``qy[n : n + n_cols]`` (int8, contiguous rows) and their scales
+    ``yd[n : n + n_cols]`` ((n_blocks, YD_FIELDS) float32, contiguous), as a tuple indexed
+    ``r * n_cols + c``. Each block's quants are unpacked once for all the columns."""
 
     @intrinsic
-    def dot(typingctx, row, qy, yd, n_blocks):
-        if not (isinstance(row, types.Array) and row.dtype == types.uint8 and row.ndim == 1
-                and isinstance(qy, types.Array) and qy.dtype == types.int8
-                and isinstance(yd, types.Array) and yd.dtype == types.float32
-                and isinstance(n_blocks, types.Integer)):
+    def tile(typingctx, w, i, qy, yd, n, n_blocks):
+        if not (isinstance(w, types.Array) and w.dtype == types.uint8 and w.ndim == 2
+                and isinstance(qy, types.Array) and qy.dtype == types.int8 and qy.ndim == 2
+                and isinstance(yd, types.Array) and yd.dtype == types.float32 and yd.ndim == 3
+                and all(isinstance(v, types.Integer) for v in (i, n, n_blocks))):
             return None
 
         def codegen(context, builder, signature, args):
-            rty, qty, ydty, nty = signature.args
-            w = simd.array_data(context, builder, rty, args[0])
-            y = simd.array_data(context, builder, qty, args[1])
-            ys = simd.array_data(context, builder, ydty, args[2])
-            count = context.cast(builder, args[3], nty, types.intp)
+            wty, ity, qty, ydty, nty, bty = signature.args
+            rows = _rows(context, builder, wty, args[0], (args[1], ity), n_rows)
+            ys = _rows(context, builder, qty, args[2], (args[4], nty), n_cols)
+            fields = _rows(context, builder, ydty, args[3], (args[4], nty), n_cols)
+            count = context.cast(builder, args[5], bty, types.intp)
             f32x8 = simd.vec(simd.F32, 8)
-            acc = builder.alloca(f32x8)
-            builder.store(simd.const(f32x8, [0.0] * 8), acc)
-            corr = builder.alloca(simd.F32)  # sum of d * s: the offset's share
-            builder.store(simd.F32(0.0), corr)
-            mins = builder.alloca(simd.F32)  # sum of m * s: the mins' share
-            builder.store(simd.F32(0.0), mins)
+            pairs = [(r, c) for r in range(n_rows) for c in range(n_cols)]
+
+            def zeros(ty, value):
+                slot = builder.alloca(ty)
+                builder.store(value, slot)
+                return slot
+            acc = {p: zeros(f32x8, simd.const(f32x8, [0.0] * 8)) for p in pairs}
+            corr = {p: zeros(simd.F32, simd.F32(0.0)) for p in pairs}  # sum of d * s
+            mins = {p: zeros(simd.F32, simd.F32(0.0)) for p in pairs}  # sum of m * s
+
+            def add(slot, value):
+                builder.store(builder.fadd(builder.load(slot), value, flags=simd.FAST), slot)
             with cgutils.for_range(builder, count) as loop:
                 b = loop.index
-                block = simd.at(builder, w, builder.mul(b, simd.I64(nbytes)))
-                simd.prefetch(builder, block, PREFETCH_BYTES)
-                fields = simd.at(builder, ys, builder.mul(b, simd.I64(4 * YD_FIELDS)))
-                dy = simd.load(builder, fields, simd.F32)
-                q = simd.load(builder, simd.at(builder, y, builder.mul(b, simd.I64(32))),
-                              simd.vec(simd.I8, 32))
-                d = spec.scale(builder, block)
-                products = builder.sitofp(simd.udot4(builder, spec.values(builder, block), q),
-                                          f32x8)
-                scale = simd.splat(builder, builder.fmul(d, dy, flags=simd.FAST), 8)
-                builder.store(builder.fadd(builder.load(acc),
-                                           builder.fmul(products, scale, flags=simd.FAST),
-                                           flags=simd.FAST), acc)
-                if spec.offset:
-                    s = simd.load(builder, fields, simd.F32, 4)
-                    builder.store(builder.fadd(builder.load(corr),
-                                               builder.fmul(d, s, flags=simd.FAST),
-                                               flags=simd.FAST), corr)
-                if spec.min is not None:
-                    s = simd.load(builder, fields, simd.F32, 8)
-                    builder.store(builder.fadd(builder.load(mins),
-                                               builder.fmul(spec.min(builder, block), s,
-                                                            flags=simd.FAST),
-                                               flags=simd.FAST), mins)
-            total = simd.hsum(builder, builder.load(acc))
-            total = builder.fsub(total, builder.fmul(simd.F32(float(spec.offset)),
-                                                     builder.load(corr)))
-            return builder.fadd(total, builder.load(mins))
-        return types.float32(row, qy, yd, n_blocks), codegen
-    return dot
+                blocks = [simd.at(builder, row, builder.mul(b, simd.I64(nbytes))) for row in rows]
+                for block in blocks:
+                    simd.prefetch(builder, block, PREFETCH_BYTES)
+                u = [spec.values(builder, block) for block in blocks]
+                d = [spec.scale(builder, block) for block in blocks]
+                m = [spec.min(builder, block) for block in blocks] if spec.min else None
+                yoff = builder.mul(b, simd.I64(32))
+                foff = builder.mul(b, simd.I64(4 * YD_FIELDS))
+                for c in range(n_cols):
+                    q = simd.load(builder, simd.at(builder, ys[c], yoff), simd.vec(simd.I8, 32))
+                    f = simd.at(builder, fields[c], foff)
+                    dy = simd.load(builder, f, simd.F32)
+                    for r in range(n_rows):
+                        products = builder.sitofp(simd.udot4(builder, u[r], q), f32x8)
+                        scale = simd.splat(builder, builder.fmul(d[r], dy, flags=simd.FAST), 8)
+                        add(acc[r, c], builder.fmul(products, scale, flags=simd.FAST))
+                        if spec.offset:
+                            s = simd.load(builder, f, simd.F32, 4)
+                            add(corr[r, c], builder.fmul(d[r], s, flags=simd.FAST))
+                        if m is not None:
+                            s = simd.load(builder, f, simd.F32, 8)
+                            add(mins[r, c], builder.fmul(m[r], s, flags=simd.FAST))
+            out = []
+            for p in pairs:
+                total = simd.hsum(builder, builder.load(acc[p]))
+                total = builder.fsub(total, builder.fmul(simd.F32(float(spec.offset)),
+                                                         builder.load(corr[p])))
+                out.append(builder.fadd(total, builder.load(mins[p])))
+            return context.make_tuple(builder, signature.return_type, out)
+        return types.UniTuple(types.float32, n_rows * n_cols)(w, i, qy, yd, n, n_blocks), codegen
+    return tile
 
 
-_ROW_DOTS: dict[int, object] = {}
+_TILES: dict[tuple, object] = {}
 
 
-def _row_dot_for(kind):
+def _tile_for(kind, n_rows: int, n_cols: int):
     if not isinstance(kind, types.IntegerLiteral):
         raise errors.TypingError("the weight type must be a compile-time literal")
     k = BLOCK_KERNELS.get(kind.literal_value)
     if k is None or k.q8 is None:
         raise errors.TypingError(f"no 8-bit product for ggml type {kind.literal_value}")
-    fn = _ROW_DOTS.get(k.type_value)
+    key = (k.type_value, n_rows, n_cols)
+    fn = _TILES.get(key)
     if fn is None:
-        fn = _ROW_DOTS[k.type_value] = _row_dot_intrinsic(k.q8, k.nbytes)
+        fn = _TILES[key] = _tile_intrinsic(k.q8, k.nbytes, n_rows, n_cols)
     return fn
 
 
-def row_q8_dot(kind, row, qy, yd, n_blocks):
-    """The dot product of one weight row of type ``kind`` with quantized activations."""
+def _tile_function(n_rows: int, n_cols: int):
+    """``dot_RxC(kind, w, i, qy, yd, n, n_blocks)``: the type's :func:`_tile_intrinsic`."""
+    def dot(kind, w, i, qy, yd, n, n_blocks):
+        """Dot products of an n_rows x n_cols tile (see _tile_intrinsic)."""
+
+    @overload(dot, inline="always")
+    def _dot(kind, w, i, qy, yd, n, n_blocks):
+        fn = _tile_for(kind, n_rows, n_cols)
+        return lambda kind, w, i, qy, yd, n, n_blocks: fn(w, i, qy, yd, n, n_blocks)
+    return dot
 
 
-@overload(row_q8_dot, inline="always")
-def _row_q8_dot(kind, row, qy, yd, n_blocks):
-    fn = _row_dot_for(kind)
-    return lambda kind, row, qy, yd, n_blocks: fn(row, qy, yd, n_blocks)
+#: the tiles the kernel uses: one row by one column (decode: a single weight stream per
+#: thread, which the prefetchers follow), two rows by four columns (batches: each unpacked
+#: block serves four activation rows, each activation block two weight rows) and its edges
+dot_1x1 = _tile_function(1, 1)
+dot_2x1 = _tile_function(2, 1)
+dot_2x4 = _tile_function(2, 4)
+#: fewest activation rows for which the kernel walks 2 x 4 tiles
+TILE_MIN_COLS = 4
 
 
 @numba.njit(**KERNEL_OPTIONS)
@@ -164,14 +196,36 @@ def mul_mat_q8(kind, w, qy, yd, out):
     """``out[n, m] = sum_k w[m, k] * y[n, k]``, y the activations :func:`quantize_q8` made.
 
     w: (M, row bytes) uint8 in type ``kind``, unit stride within a row; qy: (N, K) int8;
-    yd: (N, K // 32, YD_FIELDS) float32; out: (N, M) float32. Threads split the rows.
+    yd: (N, K // 32, YD_FIELDS) float32, both C-contiguous; out: (N, M) float32. Threads
+    split the rows.
     """
     numba.literally(kind)
+    m_rows = w.shape[0]
+    n_cols = qy.shape[0]
     n_blocks = qy.shape[1] // 32
-    for i in prange(w.shape[0]):
-        row = w[i]
-        for n in range(qy.shape[0]):
-            out[n, i] = row_q8_dot(kind, row, qy[n], yd[n], n_blocks)
+    if n_cols < TILE_MIN_COLS:
+        for i in prange(m_rows):
+            for n in range(n_cols):
+                out[n, i] = dot_1x1(kind, w, i, qy, yd, n, n_blocks)[0]
+        return
+    for g in prange((m_rows + 1) // 2):
+        i = 2 * g
+        if i + 1 == m_rows:
+            for n in range(n_cols):
+                out[n, i] = dot_1x1(kind, w, i, qy, yd, n, n_blocks)[0]
+            continue
+        n = 0
+        while n + 4 <= n_cols:
+            t = dot_2x4(kind, w, i, qy, yd, n, n_blocks)
+            for c in range(4):
+                out[n + c, i] = t[c]
+                out[n + c, i + 1] = t[4 + c]
+            n += 4
+        while n < n_cols:
+            t2 = dot_2x1(kind, w, i, qy, yd, n, n_blocks)
+            out[n, i] = t2[0]
+            out[n, i + 1] = t2[1]
+            n += 1
 
 
 def has_q8(type_value: int) -> bool:
@@ -179,4 +233,4 @@ def has_q8(type_value: int) -> bool:
     return k is not None and k.q8 is not None
 
 
-__all__ = ["YD_FIELDS", "has_q8", "mul_mat_q8", "quantize_q8", "row_q8_dot"]
+__all__ = ["YD_FIELDS", "has_q8", "mul_mat_q8", "quantize_q8"]
