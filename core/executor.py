@@ -119,6 +119,15 @@ class ArrayLib:
         float32 (the default). Tests read it to pick their exact reference."""
         return None
 
+    def widen(self, raw, type_value: int):
+        """Elements of the plain type ``type_value`` in their storage dtype (``raw``, any
+        strides: often a view of a KV cache) as float32; F32 is returned as it is."""
+        if type_value == ggml.GGMLType.BF16:
+            return bf16_to_f32(self.xp, raw)
+        if type_value == ggml.GGMLType.F32:
+            return raw
+        return raw.astype(self.xp.float32)
+
     def to_numpy(self, a):
         return np.asarray(a)
 
@@ -256,11 +265,7 @@ class NodeContext:
 
     def widen(self, raw, type_value: int):
         """Elements of a plain type ``type_value`` in their storage dtype, as float32."""
-        if type_value == ggml.GGMLType.BF16:
-            return bf16_to_f32(self.xp, raw)
-        if type_value == ggml.GGMLType.F32:
-            return raw
-        return raw.astype(self.xp.float32)
+        return self.lib.widen(raw, type_value)
 
     def row_tiles(self, tv: TensorView, i3: int = 0, i2: int = 0):
         """Matrix ``(i3, i2)`` of ``tv`` as float32 tiles of rows: yields ``(start, stop, tile)``

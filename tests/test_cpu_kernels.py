@@ -186,3 +186,25 @@ def test_a_kernel_is_compiled_in_the_background_then_loaded_from_the_disk_cache(
     warm = run()
     assert warm["first"] is True, "the kernel compiled by the first process was not reused"
     np.testing.assert_allclose(warm["out"], wf.sum(axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["k-cache", "v-cache", "3-d", "2-d"])
+def test_f16_views_widen_exactly(layout):
+    """The CPU device's F16 widening (kernels.widen_f16) on strided views of a KV cache equals
+    NumPy's exact half -> float32 conversion bit for bit, infinities and subnormals included;
+    NaNs stay NaNs (the CPU's vcvtph2ps quiets signalling ones, as ggml's F16C path does)."""
+    from rpcserver_cpu.arraylib import CpuArrayLib
+
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 1 << 16, (512, 8, 64), dtype=np.uint16)
+    cache = bits.view(np.float16)
+    view = {"k-cache": cache[:256].transpose(1, 0, 2)[None],         # (1, 8, 256, 64)
+            "v-cache": cache.reshape(8, 64, 512)[:, :, :256][None],  # rows of 256 kv positions
+            "3-d": cache[:200, 3:5],
+            "2-d": cache[100:300, 2]}[layout]
+    out = CpuArrayLib(2).widen(view, int(GGMLType.F16))
+    want = view.astype(np.float32)
+    assert out.shape == want.shape and out.dtype == np.float32
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(out), nan)
+    assert np.array_equal(out.view(np.uint32)[~nan], want.view(np.uint32)[~nan])

@@ -37,6 +37,8 @@ MMV_MAX_COLS = 8
 #: the same for the types multiplied in 8 bits (measured on 5632 x 2048 Q4_0/Q8_0, 2 threads:
 #: equal to the BLAS tiles at 64 rows, 1.6x slower at 128)
 Q8_MAX_COLS = 64
+#: fewest F16 values :meth:`CpuArrayLib.widen` runs its kernel for (below, NumPy's astype)
+WIDEN_MIN_VALUES = 4096
 
 
 def _wait_for_kernels() -> bool:
@@ -85,6 +87,16 @@ class CpuArrayLib(ArrayLib):
         if not ran:
             return None  # still compiling: the shared tiled path computes it meanwhile
         return out.reshape(tuple(b.shape[:-1]) + (m,))
+
+    def widen(self, raw, type_value: int):
+        if type_value != GGMLType.F16 or raw.ndim > 4 or raw.size < WIDEN_MIN_VALUES:
+            return super().widen(raw, type_value)
+        src = raw.view(np.uint16)
+        src = src.reshape((1,) * (4 - src.ndim) + src.shape) if src.ndim < 4 else src
+        out = np.empty(src.shape, np.float32)
+        if not launch(kernels.widen_f16, None, src, out, threads=self.threads, wait=self.wait):
+            return super().widen(raw, type_value)
+        return out.reshape(raw.shape)
 
     def dequantize(self, raw_rows, type_value: int):
         k = kernels.BLOCK_KERNELS.get(type_value)
