@@ -17,6 +17,10 @@ subtracts the scratch an op may still take (the budget not yet in use, which
 the device's own free figure cannot see yet). Prepared forms live in device
 memory, so the device's own figure already counts them.
 
+A few small derived values that every layer of a graph would otherwise
+recompute (rope's cos/sin for the step's positions) are kept in a bounded
+*memo* (:meth:`DeviceState.memo`), keyed by everything they depend on.
+
 One record per device object, owned here rather than set on the plugin's
 objects: :func:`state_of` finds (or makes) it.
 """
@@ -27,6 +31,7 @@ import bisect
 import os
 import threading
 import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
 
 #: default bound on one device's scratch (float32 tiles of widened weights), bytes
@@ -77,7 +82,28 @@ class DeviceState:
         #: KV caches): those bytes change without a write from the network, so no prepared
         #: form is made from them
         self._graph_written: dict[int, list[tuple[int, int]]] = {}
+        self._memo: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+
+    # -- memo -----------------------------------------------------------------------
+
+    #: entries the memo keeps (least recently used dropped first)
+    MEMO_ENTRIES = 32
+
+    def memo(self, key: tuple, make):
+        """``make()``, kept for the next call with the same ``key`` (which must hold every
+        input of ``make``: the values are shared, never written)."""
+        with self._lock:
+            value = self._memo.get(key)
+            if value is not None:
+                self._memo.move_to_end(key)
+                return value
+        value = make()
+        with self._lock:
+            self._memo[key] = value
+            while len(self._memo) > self.MEMO_ENTRIES:
+                self._memo.popitem(last=False)
+        return value
 
     # -- scratch ------------------------------------------------------------------
 

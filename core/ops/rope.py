@@ -244,11 +244,16 @@ def rope(ctx):
         if freq_factors.shape[0] < n_pairs:
             ctx.fail(f"rope needs {n_pairs} frequency factors, got {freq_factors.shape[0]}")
 
-    cos, sin = rope_cos_sin(
-        xp, positions, n_pairs, mode=mode, n_dims=n_dims, sections=sections, n_ctx_orig=n_ctx_orig,
-        freq_base=freq_base, freq_scale=freq_scale, ext_factor=ext_factor, attn_factor=attn_factor,
-        beta_fast=beta_fast, beta_slow=beta_slow, freq_factors=freq_factors,
-        sin_sign=-1.0 if ctx.node.op == Op.ROPE_BACK else 1.0)
+    params = dict(mode=mode, n_dims=n_dims, sections=tuple(sections), n_ctx_orig=n_ctx_orig,
+                  freq_base=freq_base, freq_scale=freq_scale, ext_factor=ext_factor,
+                  attn_factor=attn_factor, beta_fast=beta_fast, beta_slow=beta_slow,
+                  sin_sign=-1.0 if ctx.node.op == Op.ROPE_BACK else 1.0)
+    # every layer of a step rotates by the same positions: computed once, remembered
+    key = ("rope_cos_sin", id(xp), n_pairs, tuple(sorted(params.items())),
+           ctx.lib.to_numpy(positions).tobytes(),
+           None if freq_factors is None else ctx.lib.to_numpy(freq_factors[:n_pairs]).tobytes())
+    cos, sin = ctx.state.memo(key, lambda: rope_cos_sin(
+        xp, positions, n_pairs, freq_factors=freq_factors, **params))
     cos = cos[None, :, None, :]  # (1, ne2, 1, n_pairs): one row of factors per token
     sin = sin[None, :, None, :]
 
