@@ -1,13 +1,15 @@
 """NumPy for the shared ops, with the numba kernels for weights in their ggml type.
 
-* :meth:`CpuArrayLib.weight_product`: a matrix product with few activation
-  rows (decode, small batches) reads the weight blocks directly. For the
-  32-element types the activations are quantized to 8 bits first, as ggml
-  does, and :func:`rpcserver_cpu.kernels.mul_mat_q8` takes integer dot
-  products (up to :data:`Q8_MAX_COLS` rows); the other types use
-  :func:`rpcserver_cpu.kernels.mul_mat_vec` on float32 activations (up to
-  :data:`MMV_MAX_COLS`). Larger batches return None, so the shared code
-  widens the weights a tile of rows at a time and BLAS multiplies the tiles.
+* :meth:`CpuArrayLib.weight_product`: a matrix product reads the weight
+  blocks directly. For the 32-element types the
+  activations are quantized to 8 bits first, as ggml does, and
+  :func:`rpcserver_cpu.kernels.mul_mat_q8` takes integer dot products, for
+  any number of rows (measured 5632 x 2048 Q4_0/Q8_0, 2 threads: 70-91 G
+  MAC/s from 64 to 512 rows, against 38-77 for BLAS on widened tiles); the
+  other types use :func:`rpcserver_cpu.kernels.mul_mat_vec` on float32
+  activations, up to :data:`MMV_MAX_COLS` rows. Larger batches of those
+  return None, so the shared code widens the weights a tile of rows at a
+  time and BLAS multiplies the tiles.
 * :meth:`CpuArrayLib.dequantize`: widening rows (those tiles, GET_ROWS) runs
   the type's numba decoder on every thread; types without one use gguf's
   reference decoder.
@@ -34,9 +36,6 @@ from .kernels.launch import launch
 #: most activation rows (columns of dst) a product with float32 activations reads the weight
 #: blocks for directly; above it, widening a tile once and multiplying it with BLAS is faster
 MMV_MAX_COLS = 8
-#: the same for the types multiplied in 8 bits (measured on 5632 x 2048 Q4_0/Q8_0, 2 threads:
-#: equal to the BLAS tiles at 64 rows, 1.6x slower at 128)
-Q8_MAX_COLS = 64
 #: fewest F16 values :meth:`CpuArrayLib.widen` runs its kernel for (below, NumPy's astype)
 WIDEN_MIN_VALUES = 4096
 
@@ -52,13 +51,9 @@ class CpuArrayLib(ArrayLib):
         self.threads = threads
         self.wait = _wait_for_kernels()
 
-    @staticmethod
-    def _in_8_bits(k, n_cols: int) -> bool:
-        return k is not None and k.q8 is not None and n_cols <= Q8_MAX_COLS
-
     def activation_type(self, weight_type: int, n_cols: int) -> int | None:
         k = kernels.BLOCK_KERNELS.get(weight_type)
-        if not self._in_8_bits(k, n_cols):
+        if k is None or k.q8 is None:
             return None
         return int(GGMLType.Q8_0 if k.q8.min is None else GGMLType.Q8_1)
 
@@ -68,12 +63,12 @@ class CpuArrayLib(ArrayLib):
         n_cols = int(np.prod(b.shape[:-1]))
         if k is None or w.buffer is None or n_cols == 0 or n_k % k.block or n_k % 16 or m == 0:
             return None
-        if n_cols > (Q8_MAX_COLS if k.q8 is not None else MMV_MAX_COLS):
+        if k.q8 is None and n_cols > MMV_MAX_COLS:
             return None
         rows = self.view(w.buffer, w.offset, (m, w.type.row_size(n_k)), (w.nb[1], 1), np.uint8)
         x = np.ascontiguousarray(b.reshape(n_cols, n_k), dtype=np.float32)
         out = np.empty((n_cols, m), np.float32)
-        if self._in_8_bits(k, n_cols):
+        if k.q8 is not None:
             qy = np.empty((n_cols, n_k), np.int8)
             yd = np.empty((n_cols, n_k // 32, kernels.YD_FIELDS), np.float32)
             ran = (launch(kernels.quantize_q8, None, x, qy, yd, wait=self.wait)

@@ -152,18 +152,21 @@ def _host_vnni() -> str | None:
 VNNI_DPBUSD = _host_vnni()
 
 
-def udot4(builder, u, s):
-    """<8 x i32>: lane i = sum over j < 4 of u[4 i + j] * s[4 i + j], for <32 x i8> ``u``
-    (unsigned) and ``s`` (signed); exact (at most 4 * 255 * 128 in magnitude)."""
+def udot4(builder, u, s, start=None):
+    """<8 x i32>: lane i = start[i] + sum over j < 4 of u[4 i + j] * s[4 i + j], for <32 x i8>
+    ``u`` (unsigned) and ``s`` (signed) and an optional <8 x i32> ``start`` (zeros if None);
+    exact (at most 4 * 255 * 128 in magnitude, plus ``start``)."""
+    v8 = vec(I32, 8)
+    if start is None:
+        start = const(v8, [0] * 8)
     if VNNI_DPBUSD:
-        v8 = vec(I32, 8)
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8] * 3),
                                             VNNI_DPBUSD)
-        return builder.call(fn, [const(v8, [0] * 8), builder.bitcast(u, v8),
-                                 builder.bitcast(s, v8)])
+        return builder.call(fn, [start, builder.bitcast(u, v8), builder.bitcast(s, v8)])
     p = builder.mul(builder.zext(u, vec(I32, 32)), builder.sext(s, vec(I32, 32)))
     parts = [lanes(builder, p, range(k, 32, 4)) for k in range(4)]
-    return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+    return builder.add(builder.add(builder.add(parts[0], parts[1]),
+                                   builder.add(parts[2], parts[3])), start)
 
 
 def prefetch(builder, pointer, offset):
