@@ -107,8 +107,9 @@ class ArrayLib:
         """``b @ w^T`` computed by the device's own kernel on the weights in their ggml type,
         or None to let the shared code widen ``w`` tile by tile (the default).
 
-        ``w`` is a 2-D :class:`TensorView` (ne2 = ne3 = 1) of any type but F32, ``b`` the
-        float32 activations, shape (..., N, K); the result has shape (..., N, M).
+        ``w`` is a 2-D :class:`TensorView` (ne2 = ne3 = 1) of any type, F32 included (for
+        F32 the shared code multiplies the buffer's view directly when this returns None),
+        ``b`` the float32 activations, shape (..., N, K); the result has shape (..., N, M).
         """
         return None
 

@@ -208,3 +208,16 @@ def test_f16_views_widen_exactly(layout):
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(out), nan)
     assert np.array_equal(out.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+
+
+@pytest.mark.parametrize("n_cols", [1, 3, 8])
+def test_f32_weights_product_is_exact_up_to_float32(n_cols):
+    """kernels.mul_mat_f32 (decode-sized products with F32 weights) against the float64
+    product: NMSE below 1e-10 (float32 rounding only), rows of a length no SIMD width divides."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((37, 771)).astype(np.float32)
+    x = rng.standard_normal((n_cols, 771)).astype(np.float32)
+    out = np.full((n_cols, 37), np.nan, np.float32)
+    launch(kernels.mul_mat_f32, None, w, x, out, threads=2)
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    assert np.sum((out - exact) ** 2) / np.sum(exact ** 2) < 1e-10

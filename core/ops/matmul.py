@@ -62,7 +62,12 @@ def mul_mat_tiled(ctx, w, b):
 def mul_mat(ctx):
     w = ctx.src(0)
     b = ctx.f32(ctx.src(1))
-    if w.type.value != GGMLType.F32 and w.ne[2] == 1 and w.ne[3] == 1:
-        ctx.store(mul_mat_tiled(ctx, w, b))  # a weight matrix: never widened whole
-        return
+    if w.ne[2] == 1 and w.ne[3] == 1:
+        if w.type.value != GGMLType.F32:
+            ctx.store(mul_mat_tiled(ctx, w, b))  # a weight matrix: never widened whole
+            return
+        out = ctx.lib.weight_product(ctx, w, b)  # a device's own F32 kernel, if it has one
+        if out is not None:
+            ctx.store(out)
+            return
     ctx.store(matmul_broadcast(ctx.xp, ctx.f32(w), b))

@@ -58,9 +58,11 @@ class CpuArrayLib(ArrayLib):
         return int(GGMLType.Q8_0 if k.q8.min is None else GGMLType.Q8_1)
 
     def weight_product(self, ctx, w, b):
-        k = kernels.BLOCK_KERNELS.get(w.type.value)
         n_k, m = w.ne[0], w.ne[1]
         n_cols = int(np.prod(b.shape[:-1]))
+        if w.type.value == GGMLType.F32:
+            return self._f32_product(w, b, n_cols)
+        k = kernels.BLOCK_KERNELS.get(w.type.value)
         if k is None or w.buffer is None or n_cols == 0 or n_k % k.block or n_k % 16 or m == 0:
             return None
         if k.q8 is None and n_cols > MMV_MAX_COLS:
@@ -81,6 +83,20 @@ class CpuArrayLib(ArrayLib):
                               threads=self.threads, wait=self.wait))
         if not ran:
             return None  # still compiling: the shared tiled path computes it meanwhile
+        return out.reshape(tuple(b.shape[:-1]) + (m,))
+
+    def _f32_product(self, w, b, n_cols: int):
+        """Decode-sized products with F32 weights (:func:`kernels.mul_mat_f32`); None for
+        larger batches (BLAS multiplies the weights' view, no copy) and strided rows."""
+        n_k, m = w.ne[0], w.ne[1]
+        if w.buffer is None or not 0 < n_cols <= MMV_MAX_COLS or m == 0 or w.nb[0] != 4:
+            return None
+        rows = self.view(w.buffer, w.offset, (m, n_k), (w.nb[1], 4), np.float32)
+        x = np.ascontiguousarray(b.reshape(n_cols, n_k), dtype=np.float32)
+        out = np.empty((n_cols, m), np.float32)
+        if not launch(kernels.mul_mat_f32, None, rows, x, out, threads=self.threads,
+                      wait=self.wait):
+            return None
         return out.reshape(tuple(b.shape[:-1]) + (m,))
 
     def widen(self, raw, type_value: int):

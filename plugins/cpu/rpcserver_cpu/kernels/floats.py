@@ -57,3 +57,18 @@ def widen_f16(src, out):
         k = t % n_c
         for m in range(n_d):
             out[i, j, k, m] = half_to_f32(src[i, j, k, m])
+
+
+@njit(**KERNEL_OPTIONS)
+def mul_mat_f32(w, x, out):
+    """``out[n, m] = sum_k w[m, k] * x[n, k]`` for float32 weights w (M, K) and a few
+    activation rows x (N, K), out (N, M). One weight row per pass: a single stream of weight
+    bytes per thread, which the hardware prefetchers follow (BLAS's sgemv reads several)."""
+    for i in prange(w.shape[0]):
+        row = w[i]
+        for n in range(x.shape[0]):
+            xn = x[n]
+            s = np.float32(0)
+            for k in range(row.shape[0]):
+                s += row[k] * xn[k]
+            out[n, i] = s
