@@ -5,6 +5,11 @@ nibbles up in a 16-entry table (kvalues_iq4nl, kvalues_mxfp4). Numba would read 
 with a gather per 16 values (8x slower than Q4_0 here), so those two types' dot products are
 written as explicit vector code (:func:`_lut_dot32`) whose lookup LLVM compiles to one byte
 shuffle (``pshufb`` on x86), as ggml's own kernels do.
+
+Every type here also has a :class:`~.blocks.Q8Dot`, the form :mod:`.q8` multiplies with
+8-bit activations (what ggml does for these types): its 32 quants as unsigned bytes (Q8_0's
+int8 and the table types' values plus 128, the 5-bit types' fifth bit from ``qh``), its scale,
+and the offset or min to take back.
 """
 
 from __future__ import annotations
