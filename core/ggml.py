@@ -4,17 +4,17 @@ Everything here mirrors ggml 0.25.3 (the version behind RPC protocol 7.0.0):
 the numeric values are what travels on the wire, so the order of each table
 is the order of the corresponding enum in ``ggml.h``.
 
-Block sizes and type sizes come from the ``gguf`` package, which tracks
-ggml's type table; where the two differ (Q2_0, which gguf
-does not know; Q8_1, whose size changed) ``_TYPES_OVERRIDDEN`` has ggml's sizes.
+The type table (``_TYPE_ROWS``) is ggml's ``enum ggml_type`` with each type's
+block size and bytes per block (``ggml_blck_size``/``ggml_type_size``), as data:
+``tests/test_ops_support.py`` checks it against ggml's own library. (It used
+to be derived from the ``gguf`` package, whose table lags ggml's: importing
+gguf cost every server 5 MiB it never used.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-
-import gguf
 
 MAX_DIMS = 4
 MAX_SRC = 10
@@ -47,26 +47,27 @@ class TypeInfo:
         return self.type_size * n // self.block_size
 
 
-# (value, name, block size, type size) where ggml 0.25.3 and the gguf package differ: types gguf
-# does not know yet, and Q8_1, whose block ggml now packs as two F16 (d, s) + 32 int8 = 36 bytes
-# (gguf still lists the older 40).
-_TYPES_OVERRIDDEN = [(42, "Q2_0", 64, 18), (9, "Q8_1", 32, 36)]
+#: (value, name, elements per block, bytes per block) of every live ggml type, in enum order
+_TYPE_ROWS = (
+    (0, "F32", 1, 4), (1, "F16", 1, 2), (2, "Q4_0", 32, 18), (3, "Q4_1", 32, 20),
+    (6, "Q5_0", 32, 22), (7, "Q5_1", 32, 24), (8, "Q8_0", 32, 34), (9, "Q8_1", 32, 36),
+    (10, "Q2_K", 256, 84), (11, "Q3_K", 256, 110), (12, "Q4_K", 256, 144),
+    (13, "Q5_K", 256, 176), (14, "Q6_K", 256, 210), (15, "Q8_K", 256, 292),
+    (16, "IQ2_XXS", 256, 66), (17, "IQ2_XS", 256, 74), (18, "IQ3_XXS", 256, 98),
+    (19, "IQ1_S", 256, 50), (20, "IQ4_NL", 32, 18), (21, "IQ3_S", 256, 110),
+    (22, "IQ2_S", 256, 82), (23, "IQ4_XS", 256, 136), (24, "I8", 1, 1), (25, "I16", 1, 2),
+    (26, "I32", 1, 4), (27, "I64", 1, 8), (28, "F64", 1, 8), (29, "IQ1_M", 256, 56),
+    (30, "BF16", 1, 2), (34, "TQ1_0", 256, 54), (35, "TQ2_0", 256, 66),
+    (39, "MXFP4", 32, 17), (40, "NVFP4", 64, 36), (41, "Q1_0", 128, 18), (42, "Q2_0", 64, 18),
+)
 
 TYPE_COUNT = 43  # GGML_TYPE_COUNT
 
 
-def _build_type_table() -> dict[int, TypeInfo]:
-    table = {}
-    for qtype, (block_size, type_size) in gguf.GGML_QUANT_SIZES.items():
-        table[int(qtype)] = TypeInfo(int(qtype), qtype.name, block_size, type_size)
-    for value, name, block_size, type_size in _TYPES_OVERRIDDEN:
-        table[value] = TypeInfo(value, name, block_size, type_size)
-    return {k: table[k] for k in sorted(table) if k < TYPE_COUNT}
-
-
 #: value -> TypeInfo for every live ggml type. Values missing from this table
 #: (4, 5, 31-33, 36-38: removed types) are invalid on the wire.
-TYPES: dict[int, TypeInfo] = _build_type_table()
+TYPES: dict[int, TypeInfo] = {v: TypeInfo(v, name, block, size)
+                              for v, name, block, size in _TYPE_ROWS}
 TYPES_BY_NAME: dict[str, TypeInfo] = {t.name: t for t in TYPES.values()}
 
 GGMLType = IntEnum("GGMLType", {t.name: t.value for t in TYPES.values()})

@@ -243,9 +243,20 @@ def test_named_sets():
     assert support.DOT_Q8_0 <= support.QUANTIZED_READ
 
 
+def test_the_type_table_is_ggmls():
+    """rpcserver.ggml's type table is data: every entry has ggml's own name, block size and
+    bytes per block (ggml_type_name, ggml_blck_size, ggml_type_size of the library)."""
+    H.require_ggml()
+    type_size = H.fn("ggml_type_size", H.c_size_t, H.c_int)
+    blck_size = H.fn("ggml_blck_size", H.c_int64, H.c_int)
+    for t, info in ggml.TYPES.items():
+        assert H.type_name(t).upper() == info.name, info
+        assert (info.block_size, info.type_size) == (blck_size(t), type_size(t)), info.name
+
+
 def test_copyable_types_are_sized_like_ggml():
     """Byte copies are only right for types whose block size and bytes per block agree with
-    ggml's (Q8_1 does not: rpcserver's table has gguf's 40-byte block, ggml 0.25.3 36)."""
+    ggml's."""
     H.require_ggml()
     type_size = H.fn("ggml_type_size", H.c_size_t, H.c_int)
     blck_size = H.fn("ggml_blck_size", H.c_int64, H.c_int)
