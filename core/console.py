@@ -90,7 +90,7 @@ def devices_table(registry: Registry) -> Table:
 
 def unavailable_table(registry: Registry) -> Table | None:
     rows = [(b, r) for b, r in registry.unavailable]
-    rows += [(p.name, f"plugin failed to load: {p.error}") for p in registry.plugins if p.error]
+    rows += [(p.name, f"plugin error: {p.error}") for p in registry.plugins if p.error]
     if not rows:
         return None
     table = Table(title="backends without devices", title_style="yellow")

@@ -208,4 +208,4 @@ class PluginRecord:
     distribution: str
     version: str
     backends: list[Backend] = field(default_factory=list)
-    error: str | None = None  # set when the plugin failed to load
+    error: str | None = None  # what is wrong with the plugin (rpcserver.plugins), None if nothing

@@ -1,8 +1,18 @@
-"""Finding and loading backend plugins (pluggy + entry points).
+"""Finding, loading and checking backend plugins (pluggy + entry points).
 
-Every failure is contained: a plugin that fails to import, whose hook
-raises, or whose backend fails to enumerate devices is recorded with its
-name and error and skipped. The server starts with whatever did load.
+Every failure is contained and recorded on the plugin's :class:`PluginRecord`
+(shown by ``rpcserver plugins`` and ``rpcserver list-devices``), and every
+other plugin keeps working:
+
+* the module fails to import, or registering it fails;
+* it implements a hook rpcserver does not have (a misspelling such as
+  ``rpcserver_backend``: pluggy's ``check_pending``, per plugin), or no
+  ``rpcserver_backends`` hook at all;
+* the hook raises, or returns something that is not a list of
+  :class:`~rpcserver.device.Backend` objects;
+* a backend's ``devices()`` raises or returns something that is not a list of
+  :class:`~rpcserver.device.Device` objects, or a device has no usable name
+  or reports memory that is not two non-negative integers (free <= total).
 """
 
 from __future__ import annotations
@@ -49,8 +59,39 @@ def _entry_points():
     return sorted(metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
+def _fail(record: PluginRecord, why: str, consequence: str = "") -> None:
+    """Record (and log) what is wrong with ``record``'s plugin; several problems accumulate.
+    ``consequence`` ("skipped", ...) goes to the log line only."""
+    record.error = why if not record.error else f"{record.error}; {why}"
+    log.warning("plugin %r (%s %s): %s%s", record.name, record.distribution, record.version,
+                why, f"; {consequence}" if consequence else "")
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{text[:60]}... ({type(value).__name__})" if len(text) > 60 else f"{text} ({type(value).__name__})"
+
+
+def _backends_from(record: PluginRecord, returned) -> list[Backend]:
+    """The Backend objects in what a plugin's ``rpcserver_backends()`` returned."""
+    if returned is None:
+        return []
+    if not isinstance(returned, (list, tuple)):
+        _fail(record, f"rpcserver_backends() must return a list of Backend objects, not "
+                      f"{_describe(returned)}")
+        return []
+    backends = []
+    for item in returned:
+        if isinstance(item, Backend):
+            backends.append(item)
+        else:
+            _fail(record, f"rpcserver_backends() returned {_describe(item)}, not an "
+                          f"rpcserver.device.Backend", "skipped")
+    return backends
+
+
 def load_plugins(entry_points=None) -> tuple[pluggy.PluginManager, list[PluginRecord]]:
-    """Import every plugin and register it with a fresh plugin manager."""
+    """Import every plugin, register it with a fresh plugin manager and check its hooks."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     records = []
@@ -63,40 +104,88 @@ def load_plugins(entry_points=None) -> tuple[pluggy.PluginManager, list[PluginRe
             module = ep.load()
             pm.register(module, name=ep.name)
         except Exception as exc:  # a broken plugin must never stop the server
-            record.error = f"{type(exc).__name__}: {exc}"
-            log.warning("plugin %r (%s %s) failed to load and is skipped: %s",
-                        ep.name, dist, version, record.error)
+            _fail(record, f"{type(exc).__name__}: {exc}", "failed to load and is skipped")
+            continue
+        try:
+            pm.check_pending()  # hooks rpcserver does not define (misspelled names)
+        except pluggy.PluginValidationError as exc:
+            pm.unregister(name=ep.name)
+            hooks = sorted(n for n in dir(hookspecs) if n.startswith("rpcserver_"))
+            _fail(record, f"{exc}; rpcserver's hooks are: {', '.join(hooks)}", "skipped")
             continue
         impls = [i for i in pm.hook.rpcserver_backends.get_hookimpls() if i.plugin_name == ep.name]
+        if not impls:
+            _fail(record, "implements no rpcserver_backends() hook (mark it with "
+                          "rpcserver.hookspecs.hookimpl), so it provides no devices")
         for impl in impls:
             try:
-                record.backends.extend(impl.function() or [])
+                returned = impl.function()
             except Exception as exc:
-                record.error = f"rpcserver_backends() raised {type(exc).__name__}: {exc}"
-                log.warning("plugin %r: %s; skipped", ep.name, record.error)
+                _fail(record, f"rpcserver_backends() raised {type(exc).__name__}: {exc}", "skipped")
+                continue
+            record.backends.extend(_backends_from(record, returned))
     return pm, records
 
 
+def _device_problem(device) -> str | None:
+    """What makes ``device`` unusable, or None."""
+    if not isinstance(device, Device):
+        return f"{_describe(device)} is not an rpcserver.device.Device"
+    name = getattr(device, "name", None)
+    if not isinstance(name, str) or not name or name == "?" or not name.isprintable():
+        return f"a device has no usable name ({name!r})"
+    try:
+        memory = device.memory()
+    except Exception as exc:
+        return f"device {name}: memory() raised {type(exc).__name__}: {exc}"
+    if (not isinstance(memory, tuple) or len(memory) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in memory)
+            or memory[0] > memory[1]):
+        return (f"device {name}: memory() must return (free, total) as non-negative integers "
+                f"with free <= total, not {memory!r}")
+    return None
+
+
 def discover(options: DeviceOptions | None = None, entry_points=None) -> Registry:
-    """Load plugins and enumerate their devices."""
+    """Load plugins and enumerate their devices, keeping only devices that pass the checks."""
     options = options or DeviceOptions()
     _, records = load_plugins(entry_points)
     registry = Registry(plugins=records)
     for record in records:
         for backend in record.backends:
+            bname = str(getattr(backend, "name", "?"))
             try:
                 devices = backend.devices(options)
             except Exception as exc:
                 reason = f"device enumeration failed: {type(exc).__name__}: {exc}"
-                log.warning("backend %r: %s", backend.name, reason)
-                registry.unavailable.append((backend.name, reason))
+                _fail(record, f"backend {bname!r}: {reason}")
+                registry.unavailable.append((bname, reason))
                 continue
-            if not devices:
-                registry.unavailable.append((backend.name, backend.unavailable_reason() or "no devices"))
+            if devices is None:
+                devices = []
+            if not isinstance(devices, (list, tuple)):
+                reason = f"devices() must return a list of Device objects, not {_describe(devices)}"
+                _fail(record, f"backend {bname!r}: {reason}")
+                registry.unavailable.append((bname, reason))
+                continue
+            usable = []
             for device in devices:
+                problem = _device_problem(device)
+                if problem is not None:
+                    _fail(record, f"backend {bname!r}: {problem}", "device skipped")
+                    registry.unavailable.append((bname, problem))
+                else:
+                    usable.append(device)
+            if not devices:
+                try:
+                    why = backend.unavailable_reason() or "no devices"
+                except Exception as exc:  # noqa: BLE001 - a broken reason is still a reason
+                    why = f"no devices (unavailable_reason() raised {type(exc).__name__})"
+                registry.unavailable.append((bname, why))
+            for device in usable:
                 if registry.find(device.name):
                     log.warning("device name %s from backend %r is already taken; skipped",
-                                device.name, backend.name)
+                                device.name, bname)
                     continue
                 registry.devices.append(DeviceEntry(device, backend, record))
     return registry

@@ -471,7 +471,9 @@ def test_backend_whose_devices_raises_is_contained(monkeypatch, caplog):
     bad = fake_plugin(monkeypatch, "badbackends", lambda: [ExplodingBackend(), EmptyBackend()])
     registry = plugins.discover(entry_points=[bad, *real_entry_points()])
     rec = {p.name: p for p in registry.plugins}
-    assert rec["badbackends"].error is None  # the plugin itself loaded fine
+    # the plugin loaded; its raising backend is its recorded error, the empty one is not
+    assert rec["badbackends"].error == ("backend 'exploding': device enumeration failed: "
+                                        "OSError: no such hardware")
     assert [b.name for b in rec["badbackends"].backends] == ["exploding", "empty"]
     unavailable = dict(registry.unavailable)
     assert unavailable["exploding"] == "device enumeration failed: OSError: no such hardware"
@@ -504,7 +506,154 @@ def test_cli_reports_a_broken_installed_plugin_and_still_lists_devices(tmp_path)
     assert res.returncode == 0, res.stderr
     assert "CPU" in table_rows(res.stdout) and "EXAMPLE0" in table_rows(res.stdout)
     assert "backends without devices" in res.stdout
-    assert "plugin failed to load: ModuleNotFoundError" in res.stdout
+    assert "plugin error: ModuleNotFoundError" in res.stdout
+
+
+#: one broken plugin per kind of failure the loader checks: entry-point name -> (module
+#: source, what its recorded error must contain)
+BROKEN_PLUGINS = {
+    "returns-str": ("""
+from rpcserver.hookspecs import hookimpl
+
+@hookimpl
+def rpcserver_backends():
+    return ["x"]
+""", "rpcserver_backends() returned 'x' (str), not an rpcserver.device.Backend"),
+    "misspelled": ("""
+from rpcserver.hookspecs import hookimpl
+
+@hookimpl
+def rpcserver_backend():
+    return []
+""", "unknown hook 'rpcserver_backend'"),
+    "returns-backend": ("""
+from rpcserver.device import Backend
+from rpcserver.hookspecs import hookimpl
+
+class B(Backend):
+    name = "lonely"
+    def devices(self, options):
+        return []
+
+@hookimpl
+def rpcserver_backends():
+    return B()  # not in a list
+""", "rpcserver_backends() must return a list of Backend objects, not"),
+    "no-hook": ("""
+def rpcserver_backends():  # not marked with hookimpl
+    return []
+""", "implements no rpcserver_backends() hook"),
+    "not-a-list": ("""
+from rpcserver.device import Backend
+from rpcserver.hookspecs import hookimpl
+
+class B(Backend):
+    name = "not-a-list"
+    def devices(self, options):
+        return 42
+
+@hookimpl
+def rpcserver_backends():
+    return [B()]
+""", "devices() must return a list of Device objects, not 42 (int)"),
+    "duck-device": ("""
+from rpcserver.device import Backend
+from rpcserver.hookspecs import hookimpl
+
+class Duck:  # has a name but is no Device: lacks alloc_buffer and the rest
+    name = "DUCK0"
+    def memory(self):
+        return (1, 2)
+
+class B(Backend):
+    name = "duck"
+    def devices(self, options):
+        return [Duck()]
+
+@hookimpl
+def rpcserver_backends():
+    return [B()]
+""", "is not an rpcserver.device.Device"),
+    "bad-memory": ("""
+from rpcserver.device import Backend, Device
+from rpcserver.hookspecs import hookimpl
+
+class D(Device):
+    name = "BADMEM0"
+    def memory(self):
+        return (-5, 10)
+    def alloc_buffer(self, size):
+        return None
+
+class B(Backend):
+    name = "badmem"
+    def devices(self, options):
+        return [D()]
+
+@hookimpl
+def rpcserver_backends():
+    return [B()]
+""", "device BADMEM0: memory() must return (free, total) as non-negative integers"),
+}
+
+
+#: the failures found without enumerating devices (the module and its hook)
+HOOK_LEVEL_FAILURES = {"returns-str", "returns-backend", "misspelled", "no-hook"}
+
+
+def _install_broken_plugins(root) -> dict:
+    """Each of BROKEN_PLUGINS as a real distribution (module + dist-info) under ``root``."""
+    for i, (name, (source, _)) in enumerate(BROKEN_PLUGINS.items()):
+        module = f"rpcserver_broken_{i}"
+        (root / f"{module}.py").write_text(source)
+        dist_info = root / f"rpcserver_broken_{i}-1.0.{i}.dist-info"
+        dist_info.mkdir()
+        (dist_info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: rpcserver-broken-{i}\nVersion: 1.0.{i}\n")
+        (dist_info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{name} = {module}\n")
+    return cli_env(PYTHONPATH=os.pathsep.join(filter(None, [str(root),
+                                                            os.environ.get("PYTHONPATH")])))
+
+
+def test_every_kind_of_broken_plugin_is_recorded_and_the_others_keep_working(tmp_path):
+    """Seven broken distributions installed beside the CPU plugin: ``list-devices`` names what
+    is wrong with each, ``rpcserver plugins`` (which never enumerates devices: no hardware is
+    touched) those whose module or hook is wrong, and the CPU and example devices stay."""
+    require_example()
+    env = _install_broken_plugins(tmp_path)
+
+    res = run_cli("plugins", env=env)
+    assert res.returncode == 0, res.stderr
+    rows = table_rows(res.stdout)
+    for name in BROKEN_PLUGINS:
+        assert name in rows, res.stdout
+        failed = rows[name][4].startswith("failed:")
+        assert failed == (name in HOOK_LEVEL_FAILURES), (name, rows[name])
+    assert rows["cpu"][4] == "loaded" and rows["example"][4] == "loaded"
+
+    res = run_cli("list-devices", env=env)
+    assert res.returncode == 0, res.stderr
+    devices = table_rows(res.stdout)
+    assert "CPU" in devices and "EXAMPLE0" in devices
+    assert "DUCK0" not in devices and "BADMEM0" not in devices
+    flat = " ".join(res.stdout.split())
+    for name, (_, why) in BROKEN_PLUGINS.items():
+        assert " ".join(why.split()) in flat, (name, why, res.stdout)
+
+
+def test_broken_plugins_do_not_stop_discovery_in_process(tmp_path, monkeypatch):
+    """The same plugins through discover(): each record carries its error, nothing raises,
+    and only devices that pass the checks are registered."""
+    require_example()
+    _install_broken_plugins(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the distributions are now installed here too
+    registry = plugins.discover()
+    rec = {p.name: p for p in registry.plugins}
+    for name, (_, why) in BROKEN_PLUGINS.items():
+        assert rec[name].error and why in rec[name].error, (name, rec[name].error)
+    assert rec["cpu"].error is None and rec["example"].error is None
+    assert {"CPU", "EXAMPLE0"} <= set(registry.device_names())
+    assert not {"DUCK0", "BADMEM0"} & set(registry.device_names())
 
 
 # ------------------------------------------------------------------- (d) serve
