@@ -71,6 +71,7 @@ TYPES: dict[int, TypeInfo] = {v: TypeInfo(v, name, block, size)
 TYPES_BY_NAME: dict[str, TypeInfo] = {t.name: t for t in TYPES.values()}
 
 GGMLType = IntEnum("GGMLType", {t.name: t.value for t in TYPES.values()})
+GGMLType.__doc__ = "enum ggml_type: a tensor's element type, by its wire value (TYPES has sizes)."
 
 #: enum ggml_op, in order. GGML_OP_COUNT == 101 for protocol 7.0.0.
 OPS: tuple[str, ...] = (
@@ -96,6 +97,7 @@ OP_COUNT = len(OPS)
 assert OP_COUNT == 101, "protocol 7.0.0 is defined for GGML_OP_COUNT == 101"
 
 Op = IntEnum("Op", {name: i for i, name in enumerate(OPS)})
+Op.__doc__ = "enum ggml_op: a graph node's operation, by its wire value (protocol 7.0.0)."
 
 #: Ops whose parameters are host function pointers: meaningless (and dangerous)
 #: on another machine, so a server refuses any graph that contains them.

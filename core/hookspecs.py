@@ -4,7 +4,7 @@ A plugin is any module registered in the ``rpcserver.backends`` entry-point
 group. rpcserver loads it with pluggy and calls the hooks below; implement
 them with the ``hookimpl`` marker::
 
-    from rpcserver.hookspecs import hookimpl
+    from rpcserver.api import hookimpl
 
     @hookimpl
     def rpcserver_backends():

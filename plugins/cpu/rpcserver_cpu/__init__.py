@@ -23,8 +23,8 @@ import numpy as np
 import psutil
 from threadpoolctl import threadpool_limits
 
-from rpcserver.device import Backend, Buffer, Device, DeviceOptions, DeviceType
-from rpcserver.hookspecs import hookimpl
+from rpcserver.api import Backend, Buffer, Device, DeviceOptions, DeviceType
+from rpcserver.api import hookimpl
 
 from .arraylib import CpuArrayLib
 

@@ -27,8 +27,8 @@ import os
 
 import numpy as np
 
-from rpcserver.executor import ArrayLib
-from rpcserver.ggml import GGMLType
+from rpcserver.api import ArrayLib
+from rpcserver.api import GGMLType
 
 from . import kernels
 from .kernels.launch import launch

@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 from importlib import metadata
 
-from rpcserver.device import Backend, DeviceOptions
-from rpcserver.hookspecs import hookimpl
+from rpcserver.api import Backend, DeviceOptions
+from rpcserver.api import hookimpl
 
 from . import probe as _probe
 

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 
 from rpcserver import ggml
-from rpcserver.executor import ArrayLib
+from rpcserver.api import ArrayLib
 
 from . import dispatch, kernels
 

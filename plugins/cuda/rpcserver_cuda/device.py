@@ -45,7 +45,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from rpcserver.device import Buffer, Device, DeviceType
+from rpcserver.api import Buffer, Device, DeviceType
 
 from .probe import GpuInfo
 

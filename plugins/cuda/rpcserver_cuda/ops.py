@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from rpcserver.ggml import GGMLType, Op
+from rpcserver.api import GGMLType, Op
 from rpcserver.ops.attention import alibi_params
 
 from . import attention_kernel, dispatch, kernels, rope_kernel

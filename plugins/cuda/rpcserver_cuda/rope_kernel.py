@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rpcserver.ggml import GGMLType, Op
+from rpcserver.api import GGMLType, Op
 from rpcserver.ops import rope as shared_rope
 
 from .kernels import PRELUDE

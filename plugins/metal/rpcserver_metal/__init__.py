@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from rpcserver.device import Backend, DeviceOptions
-from rpcserver.hookspecs import hookimpl
+from rpcserver.api import Backend, DeviceOptions
+from rpcserver.api import hookimpl
 
 __version__ = metadata.version("rpcserver-metal")
 

@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 import numpy as np
 
-from rpcserver.device import Buffer
+from rpcserver.api import Buffer
 
 
 class MlxThread:

@@ -8,9 +8,9 @@ import threading
 import mlx.core as mx
 import psutil
 
-from rpcserver.device import Device, DeviceOptions, DeviceType
-from rpcserver.errors import GraphError
-from rpcserver.executor import execute
+from rpcserver.api import Device, DeviceOptions, DeviceType
+from rpcserver.api import GraphError
+from rpcserver.api import execute
 
 from .arraylib import MlxArrayLib
 from .buffer import MLX_THREAD, MlxBuffer

@@ -44,7 +44,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from rpcserver.ggml import GGMLType
+from rpcserver.api import GGMLType
 
 GROUP = 32
 

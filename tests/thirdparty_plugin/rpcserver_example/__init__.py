@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import threading
 
-from rpcserver.device import Backend, Buffer, Device, DeviceOptions, DeviceType
-from rpcserver.hookspecs import hookimpl
+from rpcserver.api import Backend, Buffer, Device, DeviceOptions, DeviceType, hookimpl
 
 #: bytearrays live in host RAM, which the device does not own: it sets itself
 #: a budget and reports that through memory() instead of a hardware figure.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from rpcserver.ggml import GGMLType
+from rpcserver.api import GGMLType
 
 from .blocks import BlockKernel, register
 from .jit import INLINE_OPTIONS, KERNEL_OPTIONS, bf16_to_f32, half_to_f32, le_u16

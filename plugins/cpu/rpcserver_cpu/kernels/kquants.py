@@ -43,7 +43,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from rpcserver.ggml import GGMLType
+from rpcserver.api import GGMLType
 
 from .blocks import BlockKernel, register
 from .jit import INLINE_OPTIONS, half_at

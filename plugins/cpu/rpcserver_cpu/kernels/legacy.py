@@ -19,7 +19,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from rpcserver.ggml import GGMLType
+from rpcserver.api import GGMLType
 
 from . import simd
 from .blocks import BlockKernel, Q8Dot, register
