@@ -136,6 +136,14 @@ def le_u16(row, o):
 
 
 @njit(**INLINE_OPTIONS)
+def le_u32(row, o):
+    """The little-endian uint32 at byte ``o`` of the uint8 array ``row``."""
+    u32 = types.uint32
+    return u32(u32(row[o]) | (u32(row[o + 1]) << u32(8)) | (u32(row[o + 2]) << u32(16))
+               | (u32(row[o + 3]) << u32(24)))
+
+
+@njit(**INLINE_OPTIONS)
 def half_at(row, o):
     """The little-endian IEEE half at byte ``o`` of ``row``, as float32 (ggml_half fields)."""
     return half_to_f32(le_u16(row, o))

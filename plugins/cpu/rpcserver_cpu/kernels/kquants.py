@@ -38,15 +38,14 @@ keeps that order.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from rpcserver.api import GGMLType
 
+from . import simd
 from .blocks import BlockKernel, register
-from .jit import INLINE_OPTIONS, half_at
+from .jit import INLINE_OPTIONS, half_at, le_u32
 from .legacy import KVALUES_IQ4NL, _lut_decode32, _lut_dot32
 
 _f32 = np.float32
@@ -77,13 +76,9 @@ def _prefetch(typingctx, row, o):
     """Ask the CPU to bring byte ``o`` of the uint8 array ``row`` into the caches (a hint:
     never faults, so ``o`` may lie past the end)."""
     def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        ptr = builder.gep(ary.data, [args[1]])
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]),
-            "llvm.prefetch.p0")
-        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        simd.prefetch(builder, builder.bitcast(data, simd.I8.as_pointer()), offset)
         return context.get_dummy_value()
     return types.void(row, o), codegen
 
@@ -102,13 +97,6 @@ def _prefetch4(r0, r1, r2, r3, o, nbytes):
         _prefetch(r1, p + k)
         _prefetch(r2, p + k)
         _prefetch(r3, p + k)
-
-
-@njit(**INLINE_OPTIONS)
-def _le_u32(row, o):
-    """The little-endian uint32 at byte ``o`` of ``row``."""
-    return (_u32(row[o]) | (_u32(row[o + 1]) << _u32(8)) | (_u32(row[o + 2]) << _u32(16))
-            | (_u32(row[o + 3]) << _u32(24)))
 
 
 @njit(**_LEAF)
@@ -277,9 +265,9 @@ register(BlockKernel(GGMLType.Q2_K, "Q2_K", 256, 84, _q2_k_dot4, _q2_k_decode))
 @njit(**INLINE_OPTIONS)
 def _q3_k_words(r, p):
     """The 16 6-bit scales at r[p : p + 12] as the bytes of two uint64 (0..63; ggml's aux)."""
-    a = _le_u32(r, p)
-    b = _le_u32(r, p + 4)
-    t = _le_u32(r, p + 8)
+    a = le_u32(r, p)
+    b = le_u32(r, p + 4)
+    t = le_u32(r, p + 8)
     lo = _u32(0x0F0F0F0F)
     hi = _u32(0x03030303)
     s0 = (a & lo) | ((t & hi) << _u32(4))
@@ -412,9 +400,9 @@ register(BlockKernel(GGMLType.Q3_K, "Q3_K", 256, 110, _q3_k_dot4, _q3_k_decode))
 def _k4_scales(r, p):
     """The 8 scales and the 8 mins at r[p : p + 12] (ggml's get_scale_min_k4), as the bytes of
     two uint64."""
-    a = _le_u32(r, p)
-    b = _le_u32(r, p + 4)
-    t = _le_u32(r, p + 8)
+    a = le_u32(r, p)
+    b = le_u32(r, p + 4)
+    t = le_u32(r, p + 8)
     six = _u32(0x3F3F3F3F)
     lo = _u32(0x0F0F0F0F)
     top = _u32(0x03030303)

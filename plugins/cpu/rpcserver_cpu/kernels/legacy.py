@@ -23,7 +23,7 @@ from rpcserver.api import GGMLType
 
 from . import simd
 from .blocks import BlockKernel, Q8Dot, register
-from .jit import INLINE_OPTIONS, f32_bits_to_f32, half_at
+from .jit import INLINE_OPTIONS, f32_bits_to_f32, half_at, le_u32
 
 _f32 = np.float32
 _u8 = np.uint8
@@ -113,13 +113,6 @@ register(BlockKernel(GGMLType.Q8_0, "Q8_0", 32, 34, _q8_0_dot4, _q8_0_decode,
 
 # -- helpers
 
-@njit(**INLINE_OPTIONS)
-def _le_u32(row, o):
-    """The little-endian uint32 at byte ``o`` of ``row``."""
-    return _u32(_u32(row[o]) | (_u32(row[o + 1]) << _u32(8)) | (_u32(row[o + 2]) << _u32(16))
-                | (_u32(row[o + 3]) << _u32(24)))
-
-
 def _i32(builder, v):
     """The LLVM integer ``v`` as i32 (zero-extended or truncated)."""
     i32 = ir.IntType(32)
@@ -191,7 +184,7 @@ register(BlockKernel(GGMLType.Q4_1, "Q4_1", 32, 20, _q4_1_dot4, _q4_1_decode,
 @njit(**INLINE_OPTIONS)
 def _q5_dot1(r, o, x, xb):
     """sum_j q_j * x[xb + j] of the 5-bit values whose qh is at byte ``o`` of ``r``."""
-    h = _le_u32(r, o)
+    h = le_u32(r, o)
     h4 = _u32(h << _u32(4))  # bit j of qh at bit j + 4
     s = _f32(0)
     for j in range(16):
@@ -214,7 +207,7 @@ def _q5_0_dot4(kind, r0, r1, r2, r3, o, x, xs, xb):
 @njit(**INLINE_OPTIONS)
 def _q5_0_decode(row, o, out, ob):
     d = half_at(row, o)
-    h = _le_u32(row, o + 2)
+    h = le_u32(row, o + 2)
     h4 = _u32(h << _u32(4))
     for j in range(16):
         q = row[o + 6 + j]
@@ -250,7 +243,7 @@ def _q5_1_dot4(kind, r0, r1, r2, r3, o, x, xs, xb):
 def _q5_1_decode(row, o, out, ob):
     d = half_at(row, o)
     m = half_at(row, o + 2)
-    h = _le_u32(row, o + 4)
+    h = le_u32(row, o + 4)
     h4 = _u32(h << _u32(4))
     for j in range(16):
         q = row[o + 8 + j]
@@ -313,14 +306,7 @@ def _lut_dot32(values):
             fast = ("fast",)
             v = builder.fadd(builder.fmul(lo, xl, flags=fast), builder.fmul(hi, xh, flags=fast),
                              flags=fast)
-            n = 16
-            while n > 1:  # a tree: lanes [0, n/2) + [n/2, n)
-                n //= 2
-                i32n = ir.VectorType(ir.IntType(32), n)
-                a = builder.shuffle_vector(v, v, ir.Constant(i32n, list(range(n))))
-                b = builder.shuffle_vector(v, v, ir.Constant(i32n, list(range(n, 2 * n))))
-                v = builder.fadd(a, b, flags=fast)
-            return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+            return simd.hsum(builder, v)
         return types.float32(r, o, x, xb), codegen
     return dot
 
@@ -343,10 +329,7 @@ def _lut_decode32(values):
             q = builder.load(simd.vector_at(builder, simd.item_pointer(context, builder, rty, args[0],
                                                                args[1], oty), _V16I8), align=1)
             lo, hi = _nibbles16(builder, table, q)
-            scale = builder.insert_element(ir.Constant(_V16F32, None), args[2],
-                                           ir.Constant(ir.IntType(32), 0))
-            splat = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
-            scale = builder.shuffle_vector(scale, scale, splat)
+            scale = simd.splat(builder, args[2], 16)
             p = simd.item_pointer(context, builder, outty, args[3], args[4], obty)
             builder.store(builder.fmul(lo, scale), simd.vector_at(builder, p, _V16F32), align=4)
             builder.store(builder.fmul(hi, scale), simd.vector_at(builder, p, _V16F32, 16), align=4)

@@ -33,7 +33,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic, overload
 
 from . import simd
-from .blocks import BLOCK_KERNELS, Q8Dot
+from .blocks import BLOCK_KERNELS, Q8Dot, _literal_kernel
 from .jit import KERNEL_OPTIONS, SERIAL_OPTIONS, f32_bits_to_f32
 
 #: 32-bit fields per block in the activation scales array ``yd`` (float32): d, d * sum(q)
@@ -147,14 +147,16 @@ def _tile_intrinsic(spec: Q8Dot, nbytes: int, n_rows: int, n_cols: int):
                     dy = simd.splat(builder, simd.load(builder, f, simd.F32), 8)
                     # the offset enters as the dot product's starting value: -offset times
                     # each lane's four activations
-                    start = builder.mul(simd.load(builder, f, i32x8, 16),
-                                        simd.const(i32x8, [-spec.offset] * 8))
+                    start = None
+                    if spec.offset:
+                        start = builder.mul(simd.load(builder, f, i32x8, 16),
+                                            simd.const(i32x8, [-spec.offset] * 8))
+                    s = simd.load(builder, f, simd.F32, 8) if m is not None else None
                     for r in range(n_rows):
-                        dots = simd.udot4(builder, u[r], q, start if spec.offset else None)
+                        dots = simd.udot4(builder, u[r], q, start)
                         products = builder.fmul(builder.sitofp(dots, f32x8), dy, flags=simd.FAST)
                         add(acc[r, c], builder.fmul(products, d[r], flags=simd.FAST))
                         if m is not None:
-                            s = simd.load(builder, f, simd.F32, 8)
                             add(mins[r, c], builder.fmul(m[r], s, flags=simd.FAST))
             out = []
             for p in pairs:
@@ -169,10 +171,8 @@ _TILES: dict[tuple, object] = {}
 
 
 def _tile_for(kind, n_rows: int, n_cols: int):
-    if not isinstance(kind, types.IntegerLiteral):
-        raise errors.TypingError("the weight type must be a compile-time literal")
-    k = BLOCK_KERNELS.get(kind.literal_value)
-    if k is None or k.q8 is None:
+    k = _literal_kernel(kind)
+    if k.q8 is None:
         raise errors.TypingError(f"no 8-bit product for ggml type {kind.literal_value}")
     key = (k.type_value, n_rows, n_cols)
     fn = _TILES.get(key)

@@ -51,12 +51,6 @@ def concat(builder, a, b):
     return builder.shuffle_vector(a, b, const(vec(I32, 2 * n), range(2 * n)))
 
 
-def array_data(context, builder, aryty, ary):
-    """The data pointer of a numba array value, as ``i8*``."""
-    data = context.make_array(aryty)(context, builder, ary).data
-    return builder.bitcast(data, I8.as_pointer())
-
-
 def item_pointer(context, builder, aryty, ary, index, indty):
     """Pointer to ``ary[index]`` (1-d), no wraparound (typed as the array's element)."""
     a = context.make_array(aryty)(context, builder, ary)
