@@ -221,3 +221,25 @@ def test_f32_weights_product_is_exact_up_to_float32(n_cols):
     launch(kernels.mul_mat_f32, None, w, x, out, threads=2)
     exact = x.astype(np.float64) @ w.astype(np.float64).T
     assert np.sum((out - exact) ** 2) / np.sum(exact ** 2) < 1e-10
+
+
+def test_a_running_compilation_is_not_waited_for():
+    """While a compilation holds the kernels' lock (as the warmer does, for seconds),
+    launch(wait=False) of a kernel that is not ready returns False at once and queues it,
+    instead of waiting to load it; the warmer then makes it ready."""
+    from rpcserver_cpu.kernels import launch as kernel_launch
+
+    t = int(GGMLType.Q4_1)
+    raw, wf = _weights(t, 4, 64, seed=9)
+    w = np.zeros((4, 2 * raw.shape[1]), np.uint8)[:, ::2]  # strided rows and bytes: layout A
+    w[...] = raw
+    x = np.ones((1, 128), np.float32)[:, ::2]
+    xs = np.full((1, 8), 16, np.float32)[:, ::2]
+    out = np.zeros((1, 4), np.float32)
+    assert not kernel_launch.is_ready(kernels.mul_mat_vec, t, w, x, xs, out)
+    with kernel_launch._compile_lock:  # not reentrant: waiting for it here would hang
+        ran = launch(kernels.mul_mat_vec, t, w, x, xs, out, wait=False)
+    assert ran is False and np.all(out == 0)
+    assert kernel_launch.WARMER.wait(timeout=600)
+    assert launch(kernels.mul_mat_vec, t, w, x, xs, out, wait=False) is True
+    np.testing.assert_allclose(out[0], wf.sum(axis=1), rtol=1e-5)

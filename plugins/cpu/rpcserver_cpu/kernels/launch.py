@@ -8,8 +8,9 @@ specialisation's compiled entry point and calls it directly (microseconds).
 Compiling a specialisation takes seconds; loading it from numba's on-disk
 cache, milliseconds. So a kernel is made ready when it is first needed, for
 the types a model actually has: ``launch(..., wait=False)`` loads it from the
-disk cache at once if it is there, and otherwise queues its compilation on
-:class:`Warmer` (a background thread) and returns False, and the op takes the
+disk cache at once if it is there and no compilation is running (that holds
+numba's lock for seconds), and otherwise queues it on :class:`Warmer` (a
+background thread, which compiles or loads it) and returns False, and the op takes the
 shared (slower, equally correct) path until it is ready. No request waits for
 the compiler, and a server holds the machine code of the kernels it uses only
 (each loaded specialisation costs ~0.7 MiB of resident memory, the first one
@@ -54,15 +55,30 @@ def _signature(kind, arrays) -> tuple:
     return sig if kind is None else (types.literal(kind),) + sig
 
 
-def _compile(key, kernel, kind, sig) -> tuple:
-    """The entry point for ``key``, compiled (or loaded from numba's disk cache) if need be."""
-    with _compile_lock:
+def _prepare(key, kernel, kind, sig, compile: bool):
+    """The entry point for ``key``: compiled (or loaded from numba's disk cache) if need be
+    when ``compile``; else only loaded from the disk cache, and only if no compilation is
+    running (which holds the lock, and numba's, for seconds): None then, or if it is not in
+    the cache."""
+    if not _compile_lock.acquire(blocking=compile):
+        return None
+    try:
         entry = _entries.get(key)
         if entry is None:
-            kernel.compile(sig)
+            if compile:
+                kernel.compile(sig)
+            elif not _load_cached(kernel, sig):
+                return None
             entry = _entries[key] = (kernel.overloads[sig].entry_point,
                                      () if kind is None else (kind,))
         return entry
+    finally:
+        _compile_lock.release()
+
+
+def _compile(key, kernel, kind, sig) -> tuple:
+    """The entry point for ``key``, compiled (or loaded from numba's disk cache) if need be."""
+    return _prepare(key, kernel, kind, sig, compile=True)
 
 
 def _load_cached(kernel, sig) -> bool:
@@ -85,18 +101,6 @@ def _load_cached(kernel, sig) -> bool:
         return True
 
 
-def _ready(key, kernel, kind, sig):
-    """The entry point for ``key`` if it is compiled or in the disk cache, else None."""
-    entry = _entries.get(key)
-    if entry is None:
-        with _compile_lock:
-            entry = _entries.get(key)
-            if entry is None and _load_cached(kernel, sig):
-                entry = _entries[key] = (kernel.overloads[sig].entry_point,
-                                         () if kind is None else (kind,))
-    return entry
-
-
 def is_ready(kernel, kind, *arrays) -> bool:
     return _key(kernel, None if kind is None else int(kind), arrays) in _entries
 
@@ -113,7 +117,7 @@ def launch(kernel, kind: int | None, *arrays, threads: int | None = None, wait: 
     if entry is None:
         sig = _signature(kind, arrays)
         if not wait:
-            entry = _ready(key, kernel, kind, sig)
+            entry = _prepare(key, kernel, kind, sig, compile=False)
             if entry is None:
                 WARMER.request(key, kernel, kind, sig)
                 return False
