@@ -116,7 +116,7 @@ def load_plugins(entry_points=None) -> tuple[pluggy.PluginManager, list[PluginRe
         impls = [i for i in pm.hook.rpcserver_backends.get_hookimpls() if i.plugin_name == ep.name]
         if not impls:
             _fail(record, "implements no rpcserver_backends() hook (mark it with "
-                          "rpcserver.hookspecs.hookimpl), so it provides no devices")
+                          "rpcserver.api.hookimpl), so it provides no devices")
         for impl in impls:
             try:
                 returned = impl.function()
@@ -146,6 +146,14 @@ def _device_problem(device) -> str | None:
     return None
 
 
+def _backend_failed(registry: Registry, record: PluginRecord, backend: str, reason: str,
+                    consequence: str = "") -> None:
+    """A backend's (or one of its devices') problem: the plugin's error, and a reason in the
+    list of backends without devices."""
+    _fail(record, f"backend {backend!r}: {reason}", consequence)
+    registry.unavailable.append((backend, reason))
+
+
 def discover(options: DeviceOptions | None = None, entry_points=None) -> Registry:
     """Load plugins and enumerate their devices, keeping only devices that pass the checks."""
     options = options or DeviceOptions()
@@ -153,39 +161,32 @@ def discover(options: DeviceOptions | None = None, entry_points=None) -> Registr
     registry = Registry(plugins=records)
     for record in records:
         for backend in record.backends:
-            bname = str(getattr(backend, "name", "?"))
+            bname = str(backend.name)
             try:
                 devices = backend.devices(options)
             except Exception as exc:
-                reason = f"device enumeration failed: {type(exc).__name__}: {exc}"
-                _fail(record, f"backend {bname!r}: {reason}")
-                registry.unavailable.append((bname, reason))
+                _backend_failed(registry, record, bname,
+                                f"device enumeration failed: {type(exc).__name__}: {exc}")
                 continue
             if devices is None:
                 devices = []
             if not isinstance(devices, (list, tuple)):
-                reason = f"devices() must return a list of Device objects, not {_describe(devices)}"
-                _fail(record, f"backend {bname!r}: {reason}")
-                registry.unavailable.append((bname, reason))
+                _backend_failed(registry, record, bname, f"devices() must return a list of "
+                                                         f"Device objects, not {_describe(devices)}")
                 continue
-            usable = []
-            for device in devices:
-                problem = _device_problem(device)
-                if problem is not None:
-                    _fail(record, f"backend {bname!r}: {problem}", "device skipped")
-                    registry.unavailable.append((bname, problem))
-                else:
-                    usable.append(device)
             if not devices:
                 try:
                     why = backend.unavailable_reason() or "no devices"
                 except Exception as exc:  # noqa: BLE001 - a broken reason is still a reason
                     why = f"no devices (unavailable_reason() raised {type(exc).__name__})"
                 registry.unavailable.append((bname, why))
-            for device in usable:
-                if registry.find(device.name):
+            for device in devices:
+                problem = _device_problem(device)
+                if problem is not None:
+                    _backend_failed(registry, record, bname, problem, "device skipped")
+                elif registry.find(device.name):
                     log.warning("device name %s from backend %r is already taken; skipped",
                                 device.name, bname)
-                    continue
-                registry.devices.append(DeviceEntry(device, backend, record))
+                else:
+                    registry.devices.append(DeviceEntry(device, backend, record))
     return registry
