@@ -23,8 +23,7 @@ import numpy as np
 import psutil
 from threadpoolctl import threadpool_limits
 
-from rpcserver.api import Backend, Buffer, Device, DeviceOptions, DeviceType
-from rpcserver.api import hookimpl
+from rpcserver.api import Backend, Buffer, Device, DeviceOptions, DeviceType, hookimpl
 
 from .arraylib import CpuArrayLib
 

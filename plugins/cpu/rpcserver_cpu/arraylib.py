@@ -27,8 +27,7 @@ import os
 
 import numpy as np
 
-from rpcserver.api import ArrayLib
-from rpcserver.api import GGMLType
+from rpcserver.api import ArrayLib, GGMLType
 
 from . import kernels
 from .kernels.launch import launch

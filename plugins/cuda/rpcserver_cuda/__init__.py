@@ -17,8 +17,7 @@ from __future__ import annotations
 import logging
 from importlib import metadata
 
-from rpcserver.api import Backend, DeviceOptions
-from rpcserver.api import hookimpl
+from rpcserver.api import Backend, DeviceOptions, hookimpl
 
 from . import probe as _probe
 

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from rpcserver.api import Backend, DeviceOptions
-from rpcserver.api import hookimpl
+from rpcserver.api import Backend, DeviceOptions, hookimpl
 
 __version__ = metadata.version("rpcserver-metal")
 

@@ -8,9 +8,7 @@ import threading
 import mlx.core as mx
 import psutil
 
-from rpcserver.api import Device, DeviceOptions, DeviceType
-from rpcserver.api import GraphError
-from rpcserver.api import execute
+from rpcserver.api import Device, DeviceOptions, DeviceType, GraphError, execute
 
 from .arraylib import MlxArrayLib
 from .buffer import MLX_THREAD, MlxBuffer
