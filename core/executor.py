@@ -206,6 +206,8 @@ class NodeContext:
         self.dst = tensor_view(node)
         self._srcs = [tensor_view(s) if s is not None else None for s in node.src]
         self._raw: dict[tuple, object] = {}
+        self._params_f32: tuple | None = None
+        self._prepared: dict = {}
 
     # -- description ------------------------------------------------------
 
@@ -219,7 +221,19 @@ class NodeContext:
         return self.node.rpc.op_params[i]
 
     def param_f32(self, i: int) -> float:
-        return struct.unpack("<f", struct.pack("<i", self.node.rpc.op_params[i]))[0]
+        if self._params_f32 is None:  # unpacked once: the plan (and so this context) is reused
+            ints = self.node.rpc.op_params
+            self._params_f32 = struct.unpack(f"<{len(ints)}f", struct.pack(f"<{len(ints)}i", *ints))
+        return self._params_f32[i]
+
+    def prepared(self, make):
+        """``make(self)``, worked out on the node's first run and kept with the plan (which
+        GRAPH_RECOMPUTE reruns): for what an op derives from the node alone -- its parameters,
+        shapes and the checks on them -- not from the tensors' contents."""
+        value = self._prepared.get(make)
+        if value is None:
+            value = self._prepared[make] = make(self)
+        return value
 
     def fail(self, why: str):
         raise GraphError(f"{why}: {self.node.describe()}")

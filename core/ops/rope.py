@@ -28,6 +28,7 @@ at each section boundary. ROPE_BACK is the inverse rotation (sin negated).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -208,57 +209,40 @@ def rope_params_problem(ne0: int, n_dims: int, mode: int, n_offs: int, sections)
     return None
 
 
-@op(Op.ROPE, Op.ROPE_BACK)
-def rope(ctx):
-    xp = ctx.xp
+@dataclass(frozen=True)
+class _RopeNode:
+    """What a ROPE node's parameters and shapes decide, worked out once per plan."""
+
+    n_streams: int
+    n_pairs: int
+    params: dict
+    key: tuple  # the cos/sin memo key, but the positions and frequency factors
+    first: slice
+    second: slice
+
+
+def _rope_node(ctx) -> _RopeNode:
     src, pos_view, dst = ctx.src(0), ctx.src(1), ctx.dst
     if src.type.value not in (GGMLType.F32, GGMLType.F16) or dst.type.value != src.type.value:
         ctx.fail("ROPE needs F32 or F16 data (and a result of the same type)")
     if pos_view is None or pos_view.type.value != GGMLType.I32:
         ctx.fail("ROPE needs I32 positions")
-    ne0, _, ne2, _ = src.ne
+    ne0 = src.ne[0]
     n_dims, mode, n_ctx_orig = ctx.param_i32(1), ctx.param_i32(2), ctx.param_i32(4)
     freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow = (
         ctx.param_f32(i) for i in range(5, 11))
     sections = [ctx.param_i32(i) for i in range(11, 15)]
     n_offs = ctx.param_i32(15)
-
     problem = rope_params_problem(ne0, n_dims, mode, n_offs, sections)
     if problem:
         ctx.fail(problem)
-    mrope = bool(mode & MODE_MROPE)
-
-    n_streams = 4 if mrope else 1
-    pos = ctx.raw(pos_view).reshape(-1)
-    if pos.shape[0] < n_streams * ne2:
-        ctx.fail(f"rope needs {n_streams * ne2} positions, got {pos.shape[0]}")
-    positions = pos[:n_streams * ne2].reshape(n_streams, ne2)
-
+    if ctx.has_src(2) and ctx.src(2).type.value != GGMLType.F32:
+        ctx.fail("rope frequency factors must be F32")
     n_pairs = ne0 // 2 if mode == MODE_VISION else n_dims // 2
-    freq_factors = None
-    if ctx.has_src(2):
-        ff_view = ctx.src(2)
-        if ff_view.type.value != GGMLType.F32:
-            ctx.fail("rope frequency factors must be F32")
-        freq_factors = ctx.f32(ff_view).reshape(-1)
-        if freq_factors.shape[0] < n_pairs:
-            ctx.fail(f"rope needs {n_pairs} frequency factors, got {freq_factors.shape[0]}")
-
     params = dict(mode=mode, n_dims=n_dims, sections=tuple(sections), n_ctx_orig=n_ctx_orig,
                   freq_base=freq_base, freq_scale=freq_scale, ext_factor=ext_factor,
                   attn_factor=attn_factor, beta_fast=beta_fast, beta_slow=beta_slow,
                   sin_sign=-1.0 if ctx.node.op == Op.ROPE_BACK else 1.0)
-    # every layer of a step rotates by the same positions: computed once, remembered
-    key = ("rope_cos_sin", id(xp), n_pairs, tuple(sorted(params.items())),
-           ctx.lib.to_numpy(positions).tobytes(),
-           None if freq_factors is None else ctx.lib.to_numpy(freq_factors[:n_pairs]).tobytes())
-    cos, sin = ctx.state.memo(key, lambda: rope_cos_sin(
-        xp, positions, n_pairs, freq_factors=freq_factors, **params))
-    cos = cos[None, :, None, :]  # (1, ne2, 1, n_pairs): one row of factors per token
-    sin = sin[None, :, None, :]
-
-    x = ctx.f32(src)
-    out = xp.array(x, dtype=xp.float32, copy=True)
     if mode == MODE_NORMAL:
         first = slice(n_offs, n_offs + n_dims, 2)
         second = slice(n_offs + 1, n_offs + n_dims, 2)
@@ -266,9 +250,40 @@ def rope(ctx):
         half = n_dims if mode == MODE_VISION else n_dims // 2
         first = slice(n_offs, n_offs + n_pairs)
         second = slice(n_offs + half, n_offs + half + n_pairs)
-    x0, x1 = x[..., first], x[..., second]
+    key = ("rope_cos_sin", id(ctx.xp), n_pairs, tuple(sorted(params.items())))
+    return _RopeNode(4 if mode & MODE_MROPE else 1, n_pairs, params, key, first, second)
+
+
+@op(Op.ROPE, Op.ROPE_BACK)
+def rope(ctx):
+    xp = ctx.xp
+    node = ctx.prepared(_rope_node)
+    ne2 = ctx.src(0).ne[2]
+    pos = ctx.raw(ctx.src(1)).reshape(-1)
+    if pos.shape[0] < node.n_streams * ne2:
+        ctx.fail(f"rope needs {node.n_streams * ne2} positions, got {pos.shape[0]}")
+    positions = pos[:node.n_streams * ne2].reshape(node.n_streams, ne2)
+
+    freq_factors = None
+    if ctx.has_src(2):
+        freq_factors = ctx.f32(ctx.src(2)).reshape(-1)
+        if freq_factors.shape[0] < node.n_pairs:
+            ctx.fail(f"rope needs {node.n_pairs} frequency factors, got {freq_factors.shape[0]}")
+
+    # every layer of a step rotates by the same positions: computed once, remembered
+    key = node.key + (ctx.lib.to_numpy(positions).tobytes(),
+                      None if freq_factors is None
+                      else ctx.lib.to_numpy(freq_factors[:node.n_pairs]).tobytes())
+    cos, sin = ctx.state.memo(key, lambda: rope_cos_sin(
+        xp, positions, node.n_pairs, freq_factors=freq_factors, **node.params))
+    cos = cos[None, :, None, :]  # (1, ne2, 1, n_pairs): one row of factors per token
+    sin = sin[None, :, None, :]
+
+    x = ctx.f32(ctx.src(0))
+    out = xp.array(x, dtype=xp.float32, copy=True)
+    x0, x1 = x[..., node.first], x[..., node.second]
     # ggml's build contracts these into FMAs: x0*cos - x1*sin and x0*sin + x1*cos, the
     # second product rounded first
-    out[..., first] = _fma(xp, x0, cos, -(x1 * sin))
-    out[..., second] = _fma(xp, x0, sin, x1 * cos)
+    out[..., node.first] = _fma(xp, x0, cos, -(x1 * sin))
+    out[..., node.second] = _fma(xp, x0, sin, x1 * cos)
     ctx.store(out)  # F16: untouched channels keep their bits (f16 -> f32 -> f16 is exact)

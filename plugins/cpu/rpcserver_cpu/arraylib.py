@@ -23,6 +23,7 @@ suite sets it, so the kernels are what it checks).
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -58,7 +59,7 @@ class CpuArrayLib(ArrayLib):
 
     def weight_product(self, ctx, w, b):
         n_k, m = w.ne[0], w.ne[1]
-        n_cols = int(np.prod(b.shape[:-1]))
+        n_cols = math.prod(b.shape[:-1])
         if w.type.value == GGMLType.F32:
             return self._f32_product(w, b, n_cols)
         k = kernels.BLOCK_KERNELS.get(w.type.value)

@@ -8,10 +8,11 @@ F16C. Kernels are compiled with :data:`KERNEL_OPTIONS`: cached on disk
 (re-associated float sums, so reductions vectorise; the results still differ
 from exact arithmetic only by float32 rounding).
 
-The disk cache is keyed by all of this package's sources, not only the file of
-the kernel: the kernels in ``blocks.py`` inline the type functions of the
-other modules, and numba's own key (the kernel file's modification time)
-would keep serving machine code built from an older ``legacy.py``.
+The disk cache is keyed by all of this package's sources (but ``launch.py``,
+which compiles nothing), not only the file of the kernel: the kernels in
+``blocks.py`` inline the type functions of the other modules, and numba's own
+key (the kernel file's modification time) would keep serving machine code
+built from an older ``legacy.py``.
 
 Threads: numba's ``tbb`` layer, unless ``NUMBA_THREADING_LAYER`` says
 otherwise. A decode step launches a few hundred kernels, so what a launch
@@ -40,10 +41,15 @@ from numba.extending import intrinsic
 _KERNELS_DIR = Path(__file__).resolve().parent
 
 
+#: modules of this package that hold no compiled code (editing them keeps the cache)
+_NOT_COMPILED = {"launch.py"}
+
+
 def _sources_stamp() -> str:
     digest = hashlib.sha256()
     for path in sorted(_KERNELS_DIR.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        if path.name not in _NOT_COMPILED:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

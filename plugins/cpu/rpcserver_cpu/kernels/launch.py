@@ -126,9 +126,21 @@ def launch(kernel, kind: int | None, *arrays, threads: int | None = None, wait: 
     fn, lead = entry
     with _run_lock:
         if threads is not None:
-            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+            _use_threads(threads)
         fn(*lead, *arrays)
     return True
+
+
+_threads_in_use = [0]
+
+
+def _use_threads(threads: int) -> None:
+    """numba.set_num_threads, called only when the count changes (it costs ~1 us a call;
+    a decode step launches hundreds of kernels). Called under ``_run_lock``."""
+    n = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    if n != _threads_in_use[0]:
+        numba.set_num_threads(n)
+        _threads_in_use[0] = n
 
 
 class Warmer:
