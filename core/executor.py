@@ -113,6 +113,17 @@ class ArrayLib:
         """
         return None
 
+    def batched_product(self, ctx, a, b):
+        """MUL_MAT's ``b @ a^T`` for a src0 ``a`` that is not one weight matrix (ne2 or ne3 > 1:
+        attention's view of a KV cache), computed by the device's own kernel on ``a`` in its
+        type, or None to let the shared code widen ``a`` for this op (the default).
+
+        ``b``: the float32 activations, shape (B3, B2, N, K); batch (i3, i2) of ``b`` uses batch
+        (i3 // (B3/A3), i2 // (B2/A2)) of ``a``, as in ggml; the result has shape (B3, B2, N, M).
+        Also offered a 2-D F32 ``a`` that :meth:`weight_product` declined.
+        """
+        return None
+
     def activation_type(self, weight_type: int, n_cols: int) -> int | None:
         """The ggml type :meth:`weight_product` rounds float32 activations to before it
         multiplies ``n_cols`` of them with weights of ``weight_type``, as ggml's CPU backend

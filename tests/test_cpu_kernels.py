@@ -188,11 +188,11 @@ def test_a_kernel_is_compiled_in_the_background_then_loaded_from_the_disk_cache(
     np.testing.assert_allclose(warm["out"], wf.sum(axis=1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["k-cache", "v-cache", "3-d", "2-d"])
+@pytest.mark.parametrize("layout", ["k-cache", "v-cache", "3-d", "2-d", "strided-rows"])
 def test_f16_views_widen_exactly(layout):
-    """The CPU device's F16 widening (kernels.widen_f16) on strided views of a KV cache equals
-    NumPy's exact half -> float32 conversion bit for bit, infinities and subnormals included;
-    NaNs stay NaNs (the CPU's vcvtph2ps quiets signalling ones, as ggml's F16C path does)."""
+    """The CPU device's F16 widening (kernels.widen_f16; NumPy's for rows that are not
+    contiguous) on strided views of a KV cache equals NumPy's exact half -> float32
+    conversion bit for bit, infinities and subnormals included; NaNs stay NaNs (the CPU's vcvtph2ps quiets signalling ones, as ggml's F16C path does)."""
     from rpcserver_cpu.arraylib import CpuArrayLib
 
     rng = np.random.default_rng(3)
@@ -201,7 +201,8 @@ def test_f16_views_widen_exactly(layout):
     view = {"k-cache": cache[:256].transpose(1, 0, 2)[None],         # (1, 8, 256, 64)
             "v-cache": cache.reshape(8, 64, 512)[:, :, :256][None],  # rows of 256 kv positions
             "3-d": cache[:200, 3:5],
-            "2-d": cache[100:300, 2]}[layout]
+            "2-d": cache[100:300, 2],
+            "strided-rows": cache[:300, 1, ::2]}[layout]  # not contiguous along rows: NumPy's
     out = CpuArrayLib(2).widen(view, int(GGMLType.F16))
     want = view.astype(np.float32)
     assert out.shape == want.shape and out.dtype == np.float32
@@ -220,6 +221,43 @@ def test_f32_weights_product_is_exact_up_to_float32(n_cols):
     out = np.full((n_cols, 37), np.nan, np.float32)
     launch(kernels.mul_mat_f32, None, w, x, out, threads=2)
     exact = x.astype(np.float64) @ w.astype(np.float64).T
+    assert np.sum((out - exact) ** 2) / np.sum(exact ** 2) < 1e-10
+
+
+@pytest.mark.parametrize("case", ["k-cache", "v-cache", "two-tokens", "too-many-rows"])
+def test_attention_reads_the_f16_cache_in_place(case):
+    """CpuArrayLib.batched_product (kernels.mul_mat_f16_batches) on strided views of an F16
+    KV cache, with ggml's grouped-query broadcasting (4 query heads per KV head), against the
+    float64 product of the exactly widened view: NMSE below 1e-10. Batches with more rows per
+    cache matrix than BATCHED_MAX_ROWS are left to the shared code (None)."""
+    from types import SimpleNamespace
+
+    from rpcserver_cpu.arraylib import BATCHED_MAX_ROWS, CpuArrayLib
+
+    rng = np.random.default_rng(5)
+    n_ctx, n_kv_heads, head_dim, n_kv = 96, 2, 40, 70
+    cache = rng.standard_normal((n_ctx, n_kv_heads, head_dim)).astype(np.float16)
+    buffer = SimpleNamespace(array=cache.reshape(-1).view(np.uint8))
+    p = 2  # bytes per element
+    if case == "v-cache":  # transposed: rows of positions, as llama.cpp stores V without FA
+        cache = rng.standard_normal((n_kv_heads, head_dim, n_ctx)).astype(np.float16)
+        buffer = SimpleNamespace(array=cache.reshape(-1).view(np.uint8))
+        ne, nb = (n_kv, head_dim, n_kv_heads, 1), (p, n_ctx * p, head_dim * n_ctx * p, 0)
+        view = cache[:, :, :n_kv]  # (heads, head_dim, n_kv)
+    else:  # K: (n_kv, heads, head_dim) seen as (heads, n_kv, head_dim)
+        ne, nb = (head_dim, n_kv, n_kv_heads, 1), (p, n_kv_heads * head_dim * p, head_dim * p, 0)
+        view = cache[:n_kv].transpose(1, 0, 2)
+    tokens = {"two-tokens": 2, "too-many-rows": BATCHED_MAX_ROWS}.get(case, 1)
+    a = SimpleNamespace(type=TYPES[GGMLType.F16], buffer=buffer, offset=0, ne=ne, nb=nb,
+                        shape=(ne[3], ne[2], ne[1], ne[0]), strides=(nb[3], nb[2], nb[1], nb[0]))
+    b = rng.standard_normal((1, 4 * n_kv_heads, tokens, ne[0])).astype(np.float32)
+    out = CpuArrayLib(2).batched_product(None, a, b)
+    if case == "too-many-rows":
+        assert out is None
+        return
+    w = view.astype(np.float64)  # (heads, M, K)
+    exact = np.stack([b[0, i].astype(np.float64) @ w[i // 4].T for i in range(b.shape[1])])[None]
+    assert out.shape == exact.shape
     assert np.sum((out - exact) ** 2) / np.sum(exact ** 2) < 1e-10
 
 

@@ -7,7 +7,8 @@ which is how grouped-query attention shares K/V heads.
 
 A 2-D weight that is not F32 is widened a tile of rows at a time, never whole
 (:func:`mul_mat_tiled`); batched non-F32 sources (an F16 KV cache seen through
-a view) are widened for this op only, as far as the view reaches.
+a view) are read in place by the device's kernel (``ArrayLib.batched_product``)
+where it has one, else widened for this op only, as far as the view reaches.
 """
 
 from __future__ import annotations
@@ -70,4 +71,5 @@ def mul_mat(ctx):
         if out is not None:
             ctx.store(out)
             return
-    ctx.store(matmul_broadcast(ctx.xp, ctx.f32(w), b))
+    out = ctx.lib.batched_product(ctx, w, b)  # a device's kernel reading the cache in place
+    ctx.store(matmul_broadcast(ctx.xp, ctx.f32(w), b) if out is None else out)

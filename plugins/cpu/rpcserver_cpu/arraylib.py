@@ -36,6 +36,9 @@ from .kernels.launch import launch
 #: most activation rows (columns of dst) a product with float32 activations reads the weight
 #: blocks for directly; above it, widening a tile once and multiplying it with BLAS is faster
 MMV_MAX_COLS = 8
+#: most activation rows per cache matrix :meth:`CpuArrayLib.batched_product` takes (a decode
+#: step has one per query head of a KV head); above, BLAS on the widened view is faster
+BATCHED_MAX_ROWS = 16
 #: fewest F16 values :meth:`CpuArrayLib.widen` runs its kernel for (below, NumPy's astype)
 WIDEN_MIN_VALUES = 4096
 
@@ -99,13 +102,44 @@ class CpuArrayLib(ArrayLib):
             return None
         return out.reshape(tuple(b.shape[:-1]) + (m,))
 
+    def batched_product(self, ctx, a, b):
+        """Attention's products with an F16 KV cache, for a few rows per cache matrix (a decode
+        step: the query heads sharing a KV head): :func:`kernels.mul_mat_f16_batches` reads
+        the cache view in place. None otherwise (the shared code widens the view; for prompt
+        batches BLAS then multiplies it faster)."""
+        if a.type.value != GGMLType.F16 or a.buffer is None or b.ndim != 4:
+            return None
+        a3, a2, m, k = a.shape
+        b3, b2, n, _ = b.shape
+        if b3 % a3 or b2 % a2 or 0 in (m, k, n):
+            return None
+        r3, r2 = b3 // a3, b2 // a2
+        rows = r3 * r2 * n
+        if rows > BATCHED_MAX_ROWS:
+            return None
+        halves = _flat_halves(self.view(a.buffer, a.offset, a.shape, a.strides, np.uint16))
+        if halves is None:
+            return None
+        # (A3, r3, A2, r2, N, K) -> (A3, A2, r3 * r2 * N, K): the rows sharing a matrix together
+        x = np.ascontiguousarray(np.swapaxes(b.reshape(a3, r3, a2, r2, n, k), 1, 2)
+                                 .reshape(a3, a2, rows, k), dtype=np.float32)
+        out = np.empty((a3, a2, rows, m), np.float32)
+        if not launch(kernels.mul_mat_f16_batches, None, *halves, x, out,
+                      threads=self.threads, wait=self.wait):
+            return None
+        return np.swapaxes(out.reshape(a3, a2, r3, r2, n, m), 1, 2).reshape(b3, b2, n, m)
+
     def widen(self, raw, type_value: int):
         if type_value != GGMLType.F16 or raw.ndim > 4 or raw.size < WIDEN_MIN_VALUES:
             return super().widen(raw, type_value)
         src = raw.view(np.uint16)
         src = src.reshape((1,) * (4 - src.ndim) + src.shape) if src.ndim < 4 else src
+        halves = _flat_halves(src)
+        if halves is None:
+            return super().widen(raw, type_value)
         out = np.empty(src.shape, np.float32)
-        if not launch(kernels.widen_f16, None, src, out, threads=self.threads, wait=self.wait):
+        if not launch(kernels.widen_f16, None, *halves, out, threads=self.threads,
+                      wait=self.wait):
             return super().widen(raw, type_value)
         return out.reshape(raw.shape)
 
@@ -120,3 +154,15 @@ class CpuArrayLib(ArrayLib):
                                         threads=self.threads, wait=self.wait):
             return super().dequantize(raw_rows, type_value)  # still compiling
         return out.reshape(tuple(raw_rows.shape[:-1]) + (out.shape[1],))
+
+
+def _flat_halves(view):
+    """A 4-D view of F16 bits (uint16) as the kernels read it: (its elements as one flat run
+    from its first one, the element strides of its first three axes); None unless its last
+    axis is contiguous and every stride is a whole number of halves."""
+    st = view.strides
+    if view.size == 0 or (view.shape[3] > 1 and st[3] != 2) or any(n < 0 or n % 2 for n in st[:3]):
+        return None
+    extent = sum((n - 1) * s for n, s in zip(view.shape, st)) // 2 + 1
+    flat = np.lib.stride_tricks.as_strided(view, shape=(extent,), strides=(2,))
+    return flat, np.array([s // 2 for s in st[:3]], np.int64)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from . import floats, kquants, legacy  # noqa: F401  (registration)
 from .blocks import BLOCK_KERNELS, BlockKernel, Q8Dot, dequantize_rows, mul_mat_vec, sums_of_16
-from .floats import mul_mat_f32, widen_f16
+from .floats import mul_mat_f16_batches, mul_mat_f32, widen_f16
 from .q8 import YD_FIELDS, has_q8, mul_mat_q8, quantize_q8
 
 __all__ = ["BLOCK_KERNELS", "YD_FIELDS", "BlockKernel", "Q8Dot", "dequantize_rows", "has_q8",
-           "mul_mat_f32", "mul_mat_q8", "mul_mat_vec", "quantize_q8", "sums_of_16", "widen_f16"]
+           "mul_mat_f16_batches", "mul_mat_f32", "mul_mat_q8", "mul_mat_vec", "quantize_q8",
+           "sums_of_16", "widen_f16"]
