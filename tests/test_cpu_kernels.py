@@ -281,3 +281,89 @@ def test_a_running_compilation_is_not_waited_for():
     assert kernel_launch.WARMER.wait(timeout=600)
     assert launch(kernels.mul_mat_vec, t, w, x, xs, out, wait=False) is True
     np.testing.assert_allclose(out[0], wf.sum(axis=1), rtol=1e-5)
+
+
+
+_RELEASE = r"""
+import json, numpy as np
+from rpcserver_cpu import kernels
+from rpcserver_cpu.kernels.launch import WARMER, launch, prepare_runtime, release_compiler_pages
+
+prepare_runtime()  # what the CPU device does at its first allocation
+assert WARMER.wait(timeout=600)  # the runtime is loaded, then LLVM's pages are handed back
+x = np.arange(64, dtype=np.float32).reshape(2, 32)
+out = np.zeros((2, 2), np.float32)
+launch(kernels.sums_of_16, None, x, out)  # loaded by the warmer: runs
+advised = release_compiler_pages()
+out2 = np.zeros((2, 2), np.float32)
+launch(kernels.sums_of_16, None, x, out2)  # and again after its pages were handed back
+print(json.dumps(dict(advised=advised, out=out.tolist(), out2=out2.tolist())))
+"""
+
+
+def test_llvms_code_is_handed_back_and_kernels_keep_running():
+    """release_compiler_pages finds libllvmlite's text mappings (tens of MiB) and advises
+    them; kernels loaded before run correctly afterwards (LLVM's pages come back from the
+    file when needed)."""
+    import json
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("MADV_PAGEOUT and /proc/self/maps are Linux's")
+    p = subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["advised"] > 10 << 20, r
+    want = [[sum(range(16)), sum(range(16, 32))], [sum(range(32, 48)), sum(range(48, 64))]]
+    assert r["out"] == want and r["out2"] == want
+
+
+def _resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, current = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:  # a mapping's first line
+                current = len(head) == 6 and head[5] == str(path)
+            elif current and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+def test_read_only_code_pages_are_handed_back(tmp_path):
+    """release_text_pages on a file mapped read-only and executable, as a library's code is:
+    its resident pages (the kernel's own count, /proc/self/smaps) go from all 16 MiB to
+    almost none, and reading the mapping again gives the file's bytes."""
+    import mmap
+    import sys
+
+    from rpcserver_cpu.kernels.launch import release_text_pages
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("MADV_PAGEOUT and /proc/self/smaps are Linux's")
+    data = np.random.default_rng(1).integers(0, 256, 16 << 20, dtype=np.uint8).tobytes()
+    path = (tmp_path / "code.bin").resolve()
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        try:
+            m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                          prot=mmap.PROT_READ | mmap.PROT_EXEC)
+        except OSError as exc:
+            pytest.skip(f"cannot map a file executable under {tmp_path}: {exc}")
+    try:
+        assert _sha256(m) == _sha256(data)  # reads every page: all resident
+        assert _resident_kib(path) >= 15 << 10
+        assert release_text_pages(str(path)) == len(data)
+        assert _resident_kib(path) < 1 << 10
+        assert _sha256(m) == _sha256(data)
+    finally:
+        m.close()
+
+
+def _sha256(buf) -> str:
+    import hashlib
+
+    return hashlib.sha256(buf).hexdigest()

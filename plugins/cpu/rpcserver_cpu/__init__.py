@@ -26,6 +26,7 @@ from threadpoolctl import threadpool_limits
 from rpcserver.api import Backend, Buffer, Device, DeviceOptions, DeviceType, hookimpl
 
 from .arraylib import CpuArrayLib
+from .kernels.launch import prepare_runtime
 
 __version__ = metadata.version("rpcserver-cpu")
 log = logging.getLogger("rpcserver.cpu")
@@ -120,6 +121,7 @@ class CpuDevice(Device):
         # kernels are loaded (or compiled in the background) on first use, for the types a
         # model has: rpcserver_cpu.kernels.launch
         self.array_lib = CpuArrayLib(threads)
+        self._runtime_requested = False
         release_freed_memory_promptly()
 
     def memory(self):
@@ -127,6 +129,9 @@ class CpuDevice(Device):
         return int(vm.available), int(vm.total)
 
     def alloc_buffer(self, size):
+        if not self._runtime_requested:  # the first allocation comes before any weights
+            self._runtime_requested = True
+            prepare_runtime()
         free, _ = self.memory()
         if size > free:
             log.warning("CPU: refusing a %d-byte buffer, only %d bytes of host memory are free",
