@@ -97,7 +97,8 @@ def report(records) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_rpc.add_model_args(ap, default_ftype="F32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=64)

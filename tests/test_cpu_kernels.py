@@ -192,7 +192,8 @@ def test_a_kernel_is_compiled_in_the_background_then_loaded_from_the_disk_cache(
 def test_f16_views_widen_exactly(layout):
     """The CPU device's F16 widening (kernels.widen_f16; NumPy's for rows that are not
     contiguous) on strided views of a KV cache equals NumPy's exact half -> float32
-    conversion bit for bit, infinities and subnormals included; NaNs stay NaNs (the CPU's vcvtph2ps quiets signalling ones, as ggml's F16C path does)."""
+    conversion bit for bit, infinities and subnormals included; NaNs stay NaNs (the CPU's
+    vcvtph2ps quiets signalling ones, as ggml's F16C path does)."""
     from rpcserver_cpu.arraylib import CpuArrayLib
 
     rng = np.random.default_rng(3)

@@ -161,7 +161,8 @@ def _flat_halves(view):
     from its first one, the element strides of its first three axes); None unless its last
     axis is contiguous and every stride is a whole number of halves."""
     st = view.strides
-    if view.size == 0 or (view.shape[3] > 1 and st[3] != 2) or any(n < 0 or n % 2 for n in st[:3]):
+    if (view.size == 0 or (view.shape[3] > 1 and st[3] != 2)
+            or any(n < 0 or n % 2 for n in st[:3])):
         return None
     extent = sum((n - 1) * s for n, s in zip(view.shape, st)) // 2 + 1
     flat = np.lib.stride_tricks.as_strided(view, shape=(extent,), strides=(2,))

@@ -29,6 +29,7 @@ import ctypes
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 
@@ -178,6 +179,11 @@ class Warmer:
             self._start()
         self._queue.put((key, kernel, kind, sig))
 
+    def request_for(self, kernel, kind, *arrays) -> None:
+        """Queue the specialisation of ``kernel`` (of type ``kind``, or None) that ``arrays``
+        (examples of the arguments: dtypes, dimensions and layouts count) call."""
+        self.request(_key(kernel, kind, arrays), kernel, kind, _signature(kind, arrays))
+
     def release_when_idle(self) -> None:
         """Call :func:`release_compiler_pages` once no kernel has been queued for a while."""
         with self._lock:
@@ -246,6 +252,8 @@ def release_text_pages(path: str) -> int:
     """MADV_PAGEOUT on every read-only executable mapping of the file ``path`` in this
     process; the bytes of mappings advised. Such mappings are unmodified copies of the file,
     so dropping their pages loses nothing: they are read back when next used."""
+    if not sys.platform.startswith("linux"):
+        return 0
     path = os.path.realpath(path)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -274,8 +282,8 @@ def prepare_runtime() -> None:
     weights take; LLVM's pages are handed back right after (:func:`release_compiler_pages`)."""
     from .blocks import sums_of_16
 
-    arrays = (np.zeros((1, 32), np.float32), np.zeros((1, 2), np.float32))
-    WARMER.request(_key(sums_of_16, None, arrays), sums_of_16, None, _signature(None, arrays))
+    WARMER.request_for(sums_of_16, None, np.zeros((1, 32), np.float32),
+                       np.zeros((1, 2), np.float32))
 
 
 def warm_up() -> None:
@@ -283,15 +291,15 @@ def warm_up() -> None:
     tensors are), so that they are compiled into the disk cache ahead of any request
     (``python -c "from rpcserver_cpu.kernels.launch import warm_up, WARMER; warm_up();
     WARMER.wait()"``). The server itself makes kernels ready on first use (see above)."""
-    from .blocks import BLOCK_KERNELS, dequantize_rows, mul_mat_vec, sums_of_16
+    from .blocks import BLOCK_KERNELS, dequantize_rows, mul_mat_vec
     from .q8 import YD_FIELDS, mul_mat_q8, quantize_q8
 
     x = np.zeros((1, 32), np.float32)
     xs = np.zeros((1, 2), np.float32)
     qy = np.zeros((1, 32), np.int8)
     yd = np.zeros((1, 1, YD_FIELDS), np.float32)
-    for kernel, arrays in ((sums_of_16, (x, xs)), (quantize_q8, (x, qy, yd))):
-        WARMER.request(_key(kernel, None, arrays), kernel, None, _signature(None, arrays))
+    prepare_runtime()  # sums_of_16
+    WARMER.request_for(quantize_q8, None, x, qy, yd)
     for kind, k in sorted(BLOCK_KERNELS.items()):
         w = np.zeros((2, k.nbytes), np.uint8)
         out = np.zeros((1, 2), np.float32)
@@ -300,4 +308,4 @@ def warm_up() -> None:
         if k.q8 is not None:
             uses.append((mul_mat_q8, (w, qy, yd, out)))
         for kernel, arrays in uses:
-            WARMER.request(_key(kernel, kind, arrays), kernel, kind, _signature(kind, arrays))
+            WARMER.request_for(kernel, kind, *arrays)
