@@ -4,7 +4,7 @@ moments, and the server's resident memory before and after.
 
     python bench/bench_kill_clients.py [--servers rpcserver[,reference]] [--clients 24]
         [--threads 2] [--prompt 32] [--gen 16] [--seed 0] [--limit-mib 64]
-        [--model FILE.gguf | --size tiny|0.5b|1.7b --ftype Q4_0 ...] [--json out.json]
+        [--model FILE.gguf | --size tiny|160m|0.5b|1.7b --ftype Q4_0 ...] [--json out.json]
 
 Per server (one at a time, each a fresh process started as bench_rpc.py starts it):
 

@@ -2,7 +2,7 @@
 """Prompt-processing and generation speed, and peak server memory, through llama.cpp's RPC
 client: ``rpcserver serve`` against llama.cpp's own RPC server, same model, same thread count.
 
-    python bench/bench_rpc.py [--arch llama] [--ftype Q4_0] [--size tiny|0.5b|1.7b]
+    python bench/bench_rpc.py [--arch llama] [--ftype Q4_0] [--size tiny|160m|0.5b|1.7b]
                               [--threads 2] [--prompt 64] [--gen 32] [--reps 5] [--rounds 2]
                               [--servers rpcserver,reference] [--json out.json]
 
@@ -46,7 +46,9 @@ for _p in (TESTS, HERE):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-SIZES = ("tiny", "0.5b", "1.7b")  # "tiny": tests/models.py; the others: sized_models.PRESETS
+from sized_models import PRESETS  # noqa: E402
+
+SIZES = ("tiny",) + tuple(PRESETS)  # "tiny": tests/models.py; the others: sized_models.PRESETS
 TINY_DIMS = {"layers": 4, "embd": 512, "ff": 1536}
 
 #: Markers the client writes to stderr with --progress (bench_kill_clients.py reads them).
@@ -169,7 +171,7 @@ def add_model_args(ap: argparse.ArgumentParser, default_ftype: str = "Q4_0") -> 
 
     ap.add_argument("--model", help="use this GGUF instead of generating one")
     ap.add_argument("--size", default="tiny", choices=SIZES,
-                    help="tiny: tests/models.py's small model (--layers/--embd/--ff); 0.5b, 1.7b: "
+                    help="tiny: tests/models.py's small model (--layers/--embd/--ff); 160m, 0.5b, 1.7b: "
                          "a real-size random llama model (bench/sized_models.py), cached")
     ap.add_argument("--arch", default="llama", choices=models.ARCHS,
                     help="architecture of a tiny model (the sized ones are llama)")

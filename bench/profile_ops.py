@@ -2,7 +2,7 @@
 """Where a graph's time goes, op by op: rpcserver in this process with a timer on every node,
 driven by bench_rpc.py's llama.cpp client (same model options).
 
-    python bench/profile_ops.py [--size tiny|0.5b|1.7b] [--ftype F32] [--layers 12 --embd 768
+    python bench/profile_ops.py [--size tiny|160m|0.5b|1.7b] [--ftype F32] [--layers 12 --embd 768
                                 --ff 2048] [--threads 2] [--prompt 64] [--gen 32] [--reps 2]
 
 Prints, separately for decode graphs (every MUL_MAT has one activation column) and batch

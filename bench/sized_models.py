@@ -56,6 +56,10 @@ PRESETS: dict[str, dict] = {
     # ~0.51B parameters: a quicker middle step
     "0.5b": dict(n_vocab=32000, n_embd=1280, n_layer=24, n_head=20, n_head_kv=4, n_ff=3584,
                  n_ctx=4096),
+    # ~0.16B parameters: the "160M-class" model of the F32/F16 speed floor (GPT-2-small-like
+    # widths, llama architecture, grouped-query attention as in the larger presets)
+    "160m": dict(n_vocab=32000, n_embd=768, n_layer=12, n_head=12, n_head_kv=4, n_ff=3072,
+                 n_ctx=4096),
 }
 
 _CHUNK_ELEMENTS = 1 << 23  # generate at most 8M values (32 MiB of f32) at a time
