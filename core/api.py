@@ -20,8 +20,9 @@ from .device import Backend, Buffer, Device, DeviceOptions, DeviceType
 from .device_state import DeviceState, state_of
 from .errors import GraphError
 from .executor import ArrayLib, NodeContext, TensorView, execute
-from .ggml import TYPES, GGMLType, Op, TypeInfo
+from .ggml import TYPES, GGMLType, GluOp, Op, TypeInfo
 from .hookspecs import hookimpl
+from .ops.rope import RopeTables, rope_tables
 
 __all__ = [
     # the hook and what it returns
@@ -29,6 +30,8 @@ __all__ = [
     # computing
     "ArrayLib", "NodeContext", "TensorView", "execute", "DeviceState", "state_of",
     "GraphError",
+    # what a device's own op kernels reuse from the shared ops
+    "RopeTables", "rope_tables",
     # ggml's vocabulary
-    "GGMLType", "Op", "TYPES", "TypeInfo",
+    "GGMLType", "GluOp", "Op", "TYPES", "TypeInfo",
 ]

@@ -119,6 +119,7 @@ GLU_OPS: tuple[str, ...] = (
     "REGLU", "GEGLU", "SWIGLU", "SWIGLU_OAI", "GEGLU_ERF", "GEGLU_QUICK", "SWIGLU_CLAMP",
 )
 GluOp = IntEnum("GluOp", {name: i for i, name in enumerate(GLU_OPS)})
+GluOp.__doc__ = "enum ggml_glu_op: the kind of a GLU node (its op_params[0]), by its wire value."
 
 
 def type_info(value: int) -> TypeInfo:

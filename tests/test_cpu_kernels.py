@@ -225,22 +225,26 @@ def test_f32_weights_product_is_exact_up_to_float32(n_cols):
     assert np.sum((out - exact) ** 2) / np.sum(exact ** 2) < 1e-10
 
 
-@pytest.mark.parametrize("case", ["k-cache", "v-cache", "two-tokens", "too-many-rows"])
+@pytest.mark.parametrize("case", ["k-cache", "v-cache", "two-tokens", "too-many-rows",
+                                  "long-k-cache", "long-v-cache"])
 def test_attention_reads_the_f16_cache_in_place(case):
     """CpuArrayLib.batched_product (kernels.mul_mat_f16_batches) on strided views of an F16
-    KV cache, with ggml's grouped-query broadcasting (4 query heads per KV head), against the
-    float64 product of the exactly widened view: NMSE below 1e-10. Batches with more rows per
-    cache matrix than BATCHED_MAX_ROWS are left to the shared code (None)."""
+    KV cache, short and long (more 64-row tasks than threads), with ggml's grouped-query
+    broadcasting (4 query heads per KV head), against the float64 product of the exactly
+    widened view: NMSE below 1e-10. Batches with more rows per cache matrix than
+    BATCHED_MAX_ROWS are left to the shared code (None)."""
     from types import SimpleNamespace
 
     from rpcserver_cpu.arraylib import BATCHED_MAX_ROWS, CpuArrayLib
 
     rng = np.random.default_rng(5)
     n_ctx, n_kv_heads, head_dim, n_kv = 96, 2, 40, 70
+    if case.startswith("long-"):
+        n_ctx, n_kv = 3100, 3077
     cache = rng.standard_normal((n_ctx, n_kv_heads, head_dim)).astype(np.float16)
     buffer = SimpleNamespace(array=cache.reshape(-1).view(np.uint8))
     p = 2  # bytes per element
-    if case == "v-cache":  # transposed: rows of positions, as llama.cpp stores V without FA
+    if case.endswith("v-cache"):  # transposed: rows of positions, as llama.cpp stores V without FA
         cache = rng.standard_normal((n_kv_heads, head_dim, n_ctx)).astype(np.float16)
         buffer = SimpleNamespace(array=cache.reshape(-1).view(np.uint8))
         ne, nb = (n_kv, head_dim, n_kv_heads, 1), (p, n_ctx * p, head_dim * n_ctx * p, 0)
@@ -368,3 +372,82 @@ def _sha256(buf) -> str:
     import hashlib
 
     return hashlib.sha256(buf).hexdigest()
+
+
+def test_a_decode_steps_small_ops_run_in_the_cpu_kernels(monkeypatch):
+    """The small ops of a llama decode step -- RMS_NORM, MUL, ADD, ROPE (NEOX), SOFT_MAX with
+    an F16 mask, SWIGLU, SET_ROWS into an F16 cache -- built with ggml's constructors and
+    computed on the CPU device: each is taken by the device's own kernel (its op_overrides
+    entry reports it computed the node, so no shared fallback hides a regression), and the
+    results match ggml's CPU backend with NMSE below 1e-10 (SET_ROWS' F16 rows bit for bit:
+    the same round-to-nearest-even conversion)."""
+    from collections import Counter
+
+    import ggml_harness as H
+    from ggml_harness import F16, F32, I32, I64, GgmlCase, c_float, c_int, c_int64, c_void_p, fn
+
+    from rpcserver_cpu import ops as cpu_ops
+
+    H.require_ggml()
+    taken = Counter()
+    for op, impl in list(cpu_ops.OVERRIDES.items()):
+        def counted(ctx, impl=impl):
+            ok = impl(ctx)
+            taken[impl.__name__] += 1 if ok else 0
+            return ok
+        monkeypatch.setitem(cpu_ops.OVERRIDES, op, counted)
+
+    V = c_void_p
+    n_embd, n_head, head_dim, n_kv, n_ff = 256, 4, 64, 40, 384
+    causal = np.zeros((1, n_kv), np.float32)
+    causal[0, 30:] = -np.inf  # positions not yet written
+    with GgmlCase(seed=11) as case:
+        x = case.new_tensor(F32, (n_embd, 1))
+        norm_w = case.new_tensor(F32, (n_embd,))
+        h = fn("ggml_mul", V, V, V, V)(
+            case.ctx, fn("ggml_rms_norm", V, V, V, c_float)(case.ctx, x, 1e-5), norm_w)
+        q = fn("ggml_reshape_3d", V, V, V, c_int64, c_int64, c_int64)(case.ctx, h, head_dim,
+                                                                      n_head, 1)
+        pos = case.new_tensor(I32, (1,), fill=lambda rng, ne: [29])
+        q = fn("ggml_rope_ext", V, V, V, V, V, c_int, c_int, c_int, c_float, c_float, c_float,
+               c_float, c_float, c_float)(case.ctx, q, pos, None, head_dim, 2, 4096, 10000.0,
+                                          1.0, 0.0, 1.0, 32.0, 1.0)
+        kq = case.new_tensor(F32, (n_kv, 1, n_head))
+        mask = case.new_tensor(F16, (n_kv, 1), fill=lambda rng, ne: causal)
+        probs = fn("ggml_soft_max_ext", V, V, V, V, c_float, c_float)(case.ctx, kq, mask,
+                                                                        0.125, 0.0)
+        gate, up = case.new_tensor(F32, (n_ff, 1)), case.new_tensor(F32, (n_ff, 1))
+        act = fn("ggml_swiglu_split", V, V, V, V)(case.ctx, gate, up)
+        residual = fn("ggml_add", V, V, V, V)(case.ctx, h, x)
+        cache = case.new_tensor(F16, (n_embd, 16))
+        row = case.new_tensor(I64, (1,), fill=lambda rng, ne: [5])
+        stored = fn("ggml_set_rows", V, V, V, V, V)(case.ctx, cache, residual, row)
+        outs = [case.mark_output(t) for t in (q, probs, act, stored)]
+        ref = case.run(outs)
+        ours = case.run_ours(H.cpu_device())
+        for r, o in zip(ref.arrays, ours.arrays):
+            H.assert_close(r, o, 1e-10)
+        np.testing.assert_array_equal(ref.array(stored, native=True),
+                                      ours.array(stored, native=True))
+    assert set(taken) == {"rms_norm", "binary", "rope", "soft_max", "glu", "set_rows"}, taken
+    assert taken["binary"] == 2 and all(taken.values()), taken
+
+
+def test_a_buffer_a_kernel_read_is_unmapped_when_freed():
+    """Nothing keeps a view of the arrays of the last kernel that ran: a buffer freed after a
+    kernel read it on two threads is unmapped at once, so its memory goes back to the system
+    (a kept view would hold the map until the next kernel)."""
+    import rpcserver_cpu
+
+    dev = rpcserver_cpu.CpuDevice(2)
+    buf = dev.alloc_buffer(1024 * 256 * 4)
+    w = np.ndarray((1024, 256), np.float32, buffer=buf.array)
+    w[...] = 1.0
+    x = np.ones((1, 256), np.float32)
+    out = np.zeros((1, 1024), np.float32)
+    launch(kernels.mul_mat_f32, None, w, x, out, threads=2)
+    assert np.all(out == 256)
+    del w
+    mapping = buf._map
+    buf.free()
+    assert mapping.closed

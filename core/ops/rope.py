@@ -254,9 +254,22 @@ def _rope_node(ctx) -> _RopeNode:
     return _RopeNode(4 if mode & MODE_MROPE else 1, n_pairs, params, key, first, second)
 
 
-@op(Op.ROPE, Op.ROPE_BACK)
-def rope(ctx):
-    xp = ctx.xp
+@dataclass(frozen=True)
+class RopeTables:
+    """A ROPE node's rotation, worked out from its parameters and the step's positions:
+    pair ``k`` is channels ``first[k]`` and ``second[k]`` of every row (``first``/``second``:
+    slices of the row), rotated by ``cos[t, k]``/``sin[t, k]`` for token ``t`` (float32,
+    shape (tokens, pairs), already scaled by YaRN's mscale, sin negated for ROPE_BACK)."""
+
+    first: slice
+    second: slice
+    cos: object
+    sin: object
+
+
+def rope_tables(ctx) -> RopeTables:
+    """The :class:`RopeTables` of the ROPE or ROPE_BACK node of ``ctx`` (checks its
+    parameters and sources; cos/sin are remembered for the other layers of the step)."""
     node = ctx.prepared(_rope_node)
     ne2 = ctx.src(0).ne[2]
     pos = ctx.raw(ctx.src(1)).reshape(-1)
@@ -275,15 +288,22 @@ def rope(ctx):
                       None if freq_factors is None
                       else ctx.lib.to_numpy(freq_factors[:node.n_pairs]).tobytes())
     cos, sin = ctx.state.memo(key, lambda: rope_cos_sin(
-        xp, positions, node.n_pairs, freq_factors=freq_factors, **node.params))
-    cos = cos[None, :, None, :]  # (1, ne2, 1, n_pairs): one row of factors per token
-    sin = sin[None, :, None, :]
+        ctx.xp, positions, node.n_pairs, freq_factors=freq_factors, **node.params))
+    return RopeTables(node.first, node.second, cos, sin)
+
+
+@op(Op.ROPE, Op.ROPE_BACK)
+def rope(ctx):
+    xp = ctx.xp
+    t = rope_tables(ctx)
+    cos = t.cos[None, :, None, :]  # (1, ne2, 1, n_pairs): one row of factors per token
+    sin = t.sin[None, :, None, :]
 
     x = ctx.f32(ctx.src(0))
     out = xp.array(x, dtype=xp.float32, copy=True)
-    x0, x1 = x[..., node.first], x[..., node.second]
+    x0, x1 = x[..., t.first], x[..., t.second]
     # ggml's build contracts these into FMAs: x0*cos - x1*sin and x0*sin + x1*cos, the
     # second product rounded first
-    out[..., node.first] = _fma(xp, x0, cos, -(x1 * sin))
-    out[..., node.second] = _fma(xp, x0, sin, x1 * cos)
+    out[..., t.first] = _fma(xp, x0, cos, -(x1 * sin))
+    out[..., t.second] = _fma(xp, x0, sin, x1 * cos)
     ctx.store(out)  # F16: untouched channels keep their bits (f16 -> f32 -> f16 is exact)

@@ -32,6 +32,7 @@ from rpcserver.api import ArrayLib, GGMLType
 
 from . import kernels
 from .kernels.launch import launch
+from .ops import OVERRIDES
 
 #: most activation rows (columns of dst) a product with float32 activations reads the weight
 #: blocks for directly; above it, widening a tile once and multiplying it with BLAS is faster
@@ -49,6 +50,8 @@ def _wait_for_kernels() -> bool:
 
 class CpuArrayLib(ArrayLib):
     name = "numpy+numba"
+    #: RMS_NORM, SOFT_MAX, ROPE, GLU, SET_ROWS and the binary ops on float32 rows (.ops)
+    op_overrides = OVERRIDES
 
     def __init__(self, threads: int):
         self.threads = threads

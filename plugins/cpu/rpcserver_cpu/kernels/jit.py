@@ -115,6 +115,9 @@ KERNEL_OPTIONS = dict(cache=os.environ.get("RPCSERVER_NO_JIT_CACHE") is None, no
 #: (measured 1.3-1.8 ms a launch on a busy 2-core machine, for 2048 additions)
 SERIAL_OPTIONS = dict(cache=KERNEL_OPTIONS["cache"], nogil=True, fastmath=True,
                       error_model="numpy")
+#: options of the small ops' kernels (:mod:`.rowops`): serial, and without fastmath, so each
+#: float operation rounds where ggml's C rounds it (no reassociation, no contracted FMAs)
+EXACT_OPTIONS = dict(cache=KERNEL_OPTIONS["cache"], nogil=True, error_model="numpy")
 #: options of the per-block helpers, inlined into the kernels
 INLINE_OPTIONS = dict(inline="always", fastmath=True, error_model="numpy")
 
@@ -125,6 +128,15 @@ def half_to_f32(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
     return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def f32_to_half(typingctx, value):
+    """The bit pattern (uint16) of the IEEE half nearest ``value`` (float32), ties to even:
+    what F16C's ``vcvtps2ph`` and ggml's ``GGML_FP32_TO_FP16`` give."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(types.float32), codegen
 
 
 @intrinsic

@@ -309,3 +309,29 @@ def warm_up() -> None:
             uses.append((mul_mat_q8, (w, qy, yd, out)))
         for kernel, arrays in uses:
             WARMER.request_for(kernel, kind, *arrays)
+    _warm_up_row_ops()
+
+
+def _warm_up_row_ops() -> None:
+    """Queue the small ops' kernels (:mod:`.rowops`) for contiguous and strided rows."""
+    from rpcserver.api import GGMLType
+
+    from . import rowops
+
+    def rows(dtype=np.float32):
+        return np.zeros((1, 1, 2, 4), dtype)
+
+    for f32 in (rows(), rows()[:, :, :, ::2]):  # the C and the "A" (any strides) layout
+        small = np.zeros(2, np.float32)
+        WARMER.request_for(rowops.rms_norm_rows, None, f32, f32, small)
+        WARMER.request_for(rowops.soft_max_rows, None, f32, rows(), f32, small)
+        WARMER.request_for(rowops.rope_rows, None, f32, np.zeros((1, 2), np.float32),
+                           np.zeros((1, 2), np.float32), f32, np.zeros(4, np.int64))
+        WARMER.request_for(rowops.swiglu_rows, None, f32, f32, f32)
+        for kind in (rowops.BINARY_ADD, rowops.BINARY_SUB, rowops.BINARY_MUL, rowops.BINARY_DIV):
+            WARMER.request_for(rowops.binary_rows, kind, f32, f32, f32)
+        for idx_dtype in (np.int32, np.int64):
+            idx = np.zeros((1, 1, 2), idx_dtype)
+            for kind, dst in ((GGMLType.F32, f32), (GGMLType.F16, rows(np.uint16))):
+                WARMER.request_for(rowops.set_rows_f32, int(kind), f32, idx, dst,
+                                   np.zeros(1, np.int64))
