@@ -437,10 +437,11 @@ def test_a_buffer_a_kernel_read_is_unmapped_when_freed():
     """Nothing keeps a view of the arrays of the last kernel that ran: a buffer freed after a
     kernel read it on two threads is unmapped at once, so its memory goes back to the system
     (a kept view would hold the map until the next kernel)."""
-    import rpcserver_cpu
+    import ggml_harness as H
 
-    dev = rpcserver_cpu.CpuDevice(2)
-    buf = dev.alloc_buffer(1024 * 256 * 4)
+    # the suite's CPU device: constructing a second CpuDevice here (it sets threadpool_limits
+    # again) made every later ggml reference run in a forked child hang
+    buf = H.cpu_device().alloc_buffer(1024 * 256 * 4)
     w = np.ndarray((1024, 256), np.float32, buffer=buf.array)
     w[...] = 1.0
     x = np.ones((1, 256), np.float32)
